@@ -1,0 +1,58 @@
+"""What every attack takes and returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from robaudit.attacks.losses import margin
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class AttackOutcome:
+    """One attack's result for each example of a batch.
+
+    ``x_adv`` is the first misclassified iterate of a broken example, else the last iterate.
+    ``logits`` are the model's logits at ``x_adv``.
+    """
+
+    x_adv: torch.Tensor
+    broken: torch.Tensor
+    logits: torch.Tensor
+    #: Forward passes spent on each example (the early stop shows here).
+    forwards: torch.Tensor
+    #: Examples whose input gradient was zero or not finite at some step (a gradient-masking sign).
+    bad_gradient: torch.Tensor
+
+    @property
+    def pred(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+    def margin(self, y: torch.Tensor) -> torch.Tensor:
+        return margin(self.logits, y)
+
+    @classmethod
+    def unbroken(cls, x: torch.Tensor, logits: torch.Tensor) -> AttackOutcome:
+        """The outcome of not attacking at all (used for examples that are already wrong)."""
+        n = x.shape[0]
+        zeros = torch.zeros(n, dtype=torch.long, device=x.device)
+        return cls(x.clone(), zeros.bool(), logits.clone(), zeros, zeros.bool())
+
+
+def uniform_start(x: torch.Tensor, eps: float, seeds: torch.Tensor, stream: int) -> torch.Tensor:
+    """A random start uniform in the ε-ball, drawn from one generator per example.
+
+    Seeding per example (from its data set index) makes a result independent of batch size,
+    batch order and sharding across processes.
+    """
+    noise = torch.empty_like(x, device="cpu")
+    generator = torch.Generator()
+    for i, seed in enumerate(seeds.tolist()):
+        generator.manual_seed((int(seed) * 1_000_003 + stream) % (2**63 - 1))
+        noise[i].uniform_(-eps, eps, generator=generator)
+    return (x + noise.to(x.device)).clamp_(0.0, 1.0)

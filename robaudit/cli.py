@@ -1,0 +1,173 @@
+"""The ``robaudit`` command: a thin click layer over the library.
+
+It builds a config, calls the library, renders, and is the only place that turns results and
+exceptions into exit codes. Heavy imports (torch, onnx) wait until a command runs, so ``--help``
+answers at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from robaudit import __version__
+from robaudit.errors import ExitCode, RobauditError
+
+ISSUES_URL = "https://github.com/robaudit/robaudit/issues"
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="robaudit")
+def cli() -> None:
+    """Audit the class-wise adversarial robustness of image classifiers.
+
+    Exit codes: 0 all classes passed, 1 classes flagged, 2 interrupted, 3 internal error,
+    4 usage error, 5 nothing to audit.
+    """
+
+
+def _verbosity(verbose: int, quiet: int) -> int:
+    return max(-1, min(1, verbose - quiet))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--data", help="A .npz/.pt file, an image folder, or a data set name "
+              "(mnist, fashionmnist, cifar10, cifar100, svhn, stl10, imagenet).")
+@click.option("--data-root", help="Where named data sets live.")
+@click.option("--download/--no-download", default=None,
+              help="Download a named data set into --data-root if it is missing.")
+@click.option("--split", help="Split of a named data set.  [default: test]")
+@click.option("--class-names", help="Text file with one class name per line.")
+@click.option("--image-size", type=int, help="Resize and centre-crop images to this size.")
+@click.option("--classes", help="Audit only these classes (comma-separated names).")
+@click.option("--per-class", type=int, help="Seeded stratified sample of N examples per class.")
+@click.option("--limit", type=int, help="At most N examples in all (kept balanced).")
+@click.option("--arch", help="Architecture for a state dict: torchvision:resnet18 or "
+              "package.module:factory (imports and runs that code: trust it).")
+@click.option("--num-classes", type=int, help="Number of classes for --arch.")
+@click.option("--mean", help="Per-channel mean the model normalises with, e.g. 0.49,0.48,0.45.")
+@click.option("--std", help="Per-channel std the model normalises with.")
+@click.option("--runtime-check/--no-runtime-check", default=None,
+              help="Check an ONNX model's conversion and adversarial examples against "
+              "onnxruntime.  [default: on]")
+@click.option("--attacks", help="Comma-separated: fgsm, pgd, tpgd, cw.  [default: pgd,tpgd]")
+@click.option("--eps", help="L-inf radius in pixel units [0,1]; fractions like 8/255 work.  "
+              "[default: 8/255]")
+@click.option("--steps", type=int, help="Attack iterations.  [default: 20]")
+@click.option("--step-size", help="Step size.  [default: 2.5*eps/steps]")
+@click.option("--restarts", type=int, help="Random restarts (only still-robust examples "
+              "are attacked again).  [default: 1]")
+@click.option("--temperatures", help="T-PGD softmax temperatures; the worst case over them "
+              "counts.  [default: 0.5]")
+@click.option("--seed", type=int, help="Seed for sampling and random starts.  [default: 0]")
+@click.option("--batch-size", type=int, help="Examples per batch.  [default: 256]")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option("--min-class-robust", help="Flag classes whose robust accuracy is below this.")
+@click.option("--min-ratio", help="Flag classes below this fraction of the class mean.")
+@click.option("--max-gap", help="Flag classes further than this below the best class.")
+@click.option("--significance/--no-significance", default=None,
+              help="Flag a class only when its whole 95% Wilson interval fails.")
+@click.option("--gate-on", help="The figure the gate judges: worst or an attack's name.  "
+              "[default: worst]")
+@click.option("--json", "json_path", help="Write the JSON report here.")
+@click.option("--junit", help="Write a JUnit XML report here.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="Config file.  [default: ./robaudit.toml or [tool.robaudit] in "
+              "./pyproject.toml]")
+@click.option("-v", "--verbose", count=True, help="More output (tracebacks on internal errors).")
+@click.option("-q", "--quiet", count=True, help="Only the verdict line, warnings and errors.")
+def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, json_path: str | None,
+         **options: Any) -> int:
+    """Attack MODEL on a data set and judge each class's robust accuracy."""
+    from robaudit.audit import scan as run_scan
+    from robaudit.config import resolve_config
+    from robaudit.reports import check_writable
+    from robaudit.reports.json import exit_code, to_dict, write_json
+    from robaudit.reports.junit import write_junit
+    from robaudit.reports.terminal import TerminalReporter
+
+    options["json"] = json_path
+    config = resolve_config({"model": str(model), **options}, config_file=config_file)
+    for path in (config.json, config.junit):
+        if path is not None:
+            check_writable(path)
+    reporter = TerminalReporter(_verbosity(verbose, quiet))
+    with reporter.progress() as progress:
+        result = run_scan(config, progress=progress)
+    doc = to_dict(result)
+    if config.json:
+        write_json(config.json, doc)
+    if config.junit:
+        write_junit(config.junit, doc)
+    reporter.render(doc)
+    for label, path in (("JSON", config.json), ("JUnit XML", config.junit)):
+        if path:
+            reporter.info(f"{label} report: {path}")
+    return exit_code(result)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("report", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--junit", help="Write a JUnit XML report here.")
+@click.option("-q", "--quiet", count=True, help="Only the verdict line and warnings.")
+def report(report: Path, junit: str | None, quiet: int) -> int:
+    """Render a saved JSON REPORT again: the terminal table, and JUnit XML with --junit."""
+    from robaudit.reports.json import read_json
+    from robaudit.reports.junit import write_junit
+    from robaudit.reports.terminal import TerminalReporter
+
+    doc = read_json(report)
+    if junit:
+        write_junit(junit, doc)
+    TerminalReporter(_verbosity(0, quiet)).render(doc)
+    return int(doc["verdict"]["exit_code"])
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code; the one place exceptions become exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # SIGTERM (CI cancelling a job) ends a scan the way Ctrl-C does: partial reports, exit 2.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        code = cli.main(args=args, prog_name="robaudit", standalone_mode=False)
+        return int(code) if isinstance(code, int) else ExitCode.OK
+    except click.exceptions.Exit as e:  # --help, --version
+        return int(e.exit_code)
+    except click.ClickException as e:  # bad option: click's own usage errors
+        e.show()
+        return ExitCode.USAGE_ERROR
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("robaudit: interrupted before any result; no reports written", err=True)
+        return ExitCode.INTERRUPTED
+    except RobauditError as e:
+        click.secho(f"error: {e}", err=True, fg="red", bold=True)
+        return e.exit_code
+    except Exception:
+        click.secho(
+            f"internal error: robaudit crashed; this is a bug, please report it at {ISSUES_URL} "
+            "with the output of the same command run with -v", err=True, fg="red", bold=True,
+        )
+        if "-v" in args or "--verbose" in args or any(a.startswith("-vv") for a in args):
+            traceback.print_exc()
+        else:
+            exc = sys.exc_info()[1]
+            click.echo(f"  {type(exc).__name__}: {exc}", err=True)
+        return ExitCode.INTERNAL_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Scan settings: built-in defaults, then a config file, then the command line.
+
+The config file is ``robaudit.toml`` (top-level keys) or ``[tool.robaudit]`` in ``pyproject.toml``,
+found in the working directory, or one named with ``--config``. Keys are the long option names,
+with dashes or underscores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from robaudit.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Everything a scan needs. Build one with :func:`resolve_config` or directly."""
+
+    model: str
+    data: str
+    # Data
+    data_root: str | None = None
+    download: bool = False
+    split: str = "test"
+    class_names: str | None = None
+    image_size: int | None = None
+    classes: tuple[str, ...] = ()
+    per_class: int | None = None
+    limit: int | None = None
+    # Model
+    arch: str | None = None
+    num_classes: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    runtime_check: bool = True
+    # Attacks
+    attacks: tuple[str, ...] = ("pgd", "tpgd")
+    eps: float = 8 / 255
+    steps: int = 20
+    step_size: float | None = None
+    restarts: int = 1
+    temperatures: tuple[float, ...] = (0.5,)
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "auto"
+    # Gate
+    min_class_robust: float | None = None
+    min_ratio: float | None = None
+    max_gap: float | None = None
+    significance: bool = False
+    gate_on: str = "worst"
+    # Reports
+    json: str | None = None
+    junit: str | None = None
+    #: Where the settings came from, for the report (not a setting itself).
+    sources: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("sources")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+#: Keys a config file may set (the model and data come from the command line).
+FILE_KEYS = tuple(f.name for f in fields(ScanConfig) if f.name not in ("model", "sources"))
+
+
+def parse_fraction(text: str | float | int, what: str = "eps") -> float:
+    """``0.03``, ``8/255`` or a number; ConfigError for anything else."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}")
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}") from None
+
+
+def format_eps(eps: float) -> str:
+    """A short decimal (``0.2``) when there is one, else ``8/255`` for whole 8-bit grey levels."""
+    short = f"{eps:.4g}"
+    if float(short) == eps:
+        return short
+    levels = eps * 255
+    if abs(levels - round(levels)) < 1e-9 and round(levels) > 0:
+        return f"{round(levels)}/255"
+    return f"{eps:g}"
+
+
+def _split_list(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a command-line string or a TOML value into the field's type."""
+    kind = {f.name: f.type for f in fields(ScanConfig)}[name]
+    if value is None:
+        return None
+    try:
+        if kind in ("float", "float | None"):
+            return parse_fraction(value, name)
+        if kind in ("int", "int | None"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if kind == "tuple[str, ...]":
+            return tuple(str(v) for v in _split_list(value))
+        if kind in ("tuple[float, ...]", "tuple[float, ...] | None"):
+            return tuple(parse_fraction(v, name) for v in _split_list(value))
+        if kind in ("str", "str | None"):
+            if not isinstance(value, (str, Path)):
+                raise ValueError
+            return str(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{name} has an invalid value {value!r} (expected {kind})") from None
+    raise AssertionError(f"no coercion for {name}: {kind}")  # a field added without one
+
+
+def validate(config: ScanConfig) -> None:
+    """ConfigError naming the first setting that is out of range."""
+    from robaudit.attacks import build_attack, AttackSettings
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    check(0 < config.eps <= 1, f"eps must be in (0, 1] in pixel units, got {config.eps:g}; "
+          "for 8-bit images write e.g. 8/255")
+    check(config.steps >= 1, f"steps must be at least 1, got {config.steps}")
+    check(config.restarts >= 1, f"restarts must be at least 1, got {config.restarts}")
+    check(config.batch_size >= 1, f"batch_size must be at least 1, got {config.batch_size}")
+    check(config.step_size is None or config.step_size > 0,
+          f"step_size must be positive, got {config.step_size}")
+    check(bool(config.temperatures) and all(t > 0 for t in config.temperatures),
+          f"temperatures must be positive numbers, got {list(config.temperatures)}")
+    check(config.per_class is None or config.per_class >= 1,
+          f"per_class must be at least 1, got {config.per_class}")
+    check(config.limit is None or config.limit >= 1, f"limit must be at least 1, got {config.limit}")
+    check(config.image_size is None or config.image_size >= 1,
+          f"image_size must be at least 1, got {config.image_size}")
+    check(config.num_classes is None or config.num_classes >= 2,
+          f"num_classes must be at least 2, got {config.num_classes}")
+    for name in ("min_class_robust", "max_gap"):
+        value = getattr(config, name)
+        check(value is None or 0 <= value <= 1, f"{name} must be between 0 and 1, got {value}")
+    check(config.min_ratio is None or 0 < config.min_ratio <= 1,
+          f"min_ratio must be in (0, 1], got {config.min_ratio}")
+    check(bool(DEVICES.match(config.device)),
+          f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    check(bool(config.attacks), "attacks must name at least one attack")
+    check(len(set(config.attacks)) == len(config.attacks),
+          f"attacks lists an attack twice: {','.join(config.attacks)}")
+    settings = AttackSettings(config.eps)
+    for name in config.attacks:
+        build_attack(name, settings)  # raises with a suggestion for an unknown name
+    check(config.gate_on in ("worst", *config.attacks),
+          f"gate_on must be 'worst' or one of the attacks run ({', '.join(config.attacks)}), "
+          f"got {config.gate_on!r}")
+    if config.mean is not None or config.std is not None:
+        check(config.mean is not None and config.std is not None,
+              "mean and std go together: give both, one value per channel")
+        assert config.mean is not None and config.std is not None
+        check(len(config.mean) == len(config.std),
+              f"mean has {len(config.mean)} values but std has {len(config.std)}")
+        check(all(s > 0 for s in config.std), "std values must be positive")
+    check(config.arch is None or ":" in config.arch,
+          f"arch must look like torchvision:resnet18 or package.module:factory, got {config.arch!r}")
+
+
+def find_config_file(cwd: Path) -> Path | None:
+    """``robaudit.toml``, else a ``pyproject.toml`` with a ``[tool.robaudit]`` table."""
+    candidate = cwd / "robaudit.toml"
+    if candidate.is_file():
+        return candidate
+    pyproject = cwd / "pyproject.toml"
+    if pyproject.is_file() and "robaudit" in _read_toml(pyproject).get("tool", {}):
+        return pyproject
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in a config file, keys checked and values coerced to their types."""
+    doc = _read_toml(path)
+    if path.name == "pyproject.toml":
+        doc = doc.get("tool", {}).get("robaudit", {})
+    settings = {}
+    for key, value in doc.items():
+        name = key.replace("-", "_")
+        if name not in FILE_KEYS:
+            close = difflib.get_close_matches(name, FILE_KEYS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{key}' in config file {path}.{hint}")
+        try:
+            settings[name] = _coerce(name, value)
+        except ConfigError as e:
+            raise ConfigError(f"{e} in config file {path}") from None
+    # Input paths in a config file are relative to the file, as a user sharing one expects.
+    for name in ("data", "data_root", "class_names"):
+        value = settings.get(name)
+        if value is not None and (path.parent / value).exists() and not Path(value).is_absolute():
+            settings[name] = str(path.parent / value)
+    return settings
+
+
+def resolve_config(
+    cli: Mapping[str, Any], *, config_file: Path | None = None, cwd: Path | None = None
+) -> ScanConfig:
+    """Defaults, then the config file, then command-line values (``None`` means not given)."""
+    path = config_file if config_file is not None else find_config_file(cwd or Path.cwd())
+    values: dict[str, Any] = {}
+    sources = ["defaults"]
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        values.update(read_config_file(path))
+        sources.append(str(path))
+    given = {k: _coerce(k, v) for k, v in cli.items() if v is not None and k != "model"}
+    if given:
+        sources.append("command line")
+    values.update(given)
+    values["model"] = str(cli["model"])
+    if "data" not in values:
+        raise ConfigError("no data set given: pass --data (a .npz file, a folder or a name)")
+    return ScanConfig(**values, sources=tuple(sources))

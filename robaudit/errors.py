@@ -1,0 +1,58 @@
+"""Exceptions and exit codes.
+
+Every error a user can fix is a ``UsageError`` (exit 4) whose message says what was wrong and what
+to do. Only ``robaudit.cli`` turns exceptions into exit codes.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes, the same as pytest's so CI systems read them the same way."""
+
+    #: Every class passed the fairness gate.
+    OK = 0
+    #: One or more classes were flagged.
+    FLAGGED = 1
+    #: Interrupted (Ctrl-C / SIGTERM); partial results were written and marked partial.
+    INTERRUPTED = 2
+    #: A bug in robaudit.
+    INTERNAL_ERROR = 3
+    #: Bad option, unreadable or invalid model or data, mismatched shapes or classes.
+    USAGE_ERROR = 4
+    #: Nothing to audit (empty data set after filtering).
+    NO_DATA = 5
+
+
+class RobauditError(Exception):
+    """Base of every error robaudit raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.USAGE_ERROR
+
+
+class UsageError(RobauditError):
+    """Something the user can fix: an option, a file, a shape."""
+
+
+class ConfigError(UsageError):
+    """A bad option or configuration file entry."""
+
+
+class ModelLoadError(UsageError):
+    """The model file cannot be read, converted or trusted."""
+
+
+class ModelOutputError(UsageError):
+    """The model runs but its outputs cannot be audited (wrong shape, NaN, wrong class count)."""
+
+
+class DataError(UsageError):
+    """The data set cannot be read or does not fit the model."""
+
+
+class NothingToAudit(RobauditError):
+    """The data set is empty after filtering."""
+
+    exit_code = ExitCode.NO_DATA

@@ -1,0 +1,103 @@
+"""The fairness gate: which classes fail which policy, with the figures that decided it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from robaudit.metrics import WORST, ClassStats
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Thresholds on per-class robust accuracy; ``None`` turns a policy off."""
+
+    #: Absolute floor on a class's robust accuracy.
+    min_class_robust: float | None = None
+    #: Floor on a class's robust accuracy as a fraction of the mean over classes.
+    min_ratio: float | None = None
+    #: Largest allowed distance to the best class.
+    max_gap: float | None = None
+    #: Largest allowed drop against a baseline report.
+    max_drop: float | None = None
+    #: Flag a class only when its whole 95% Wilson interval fails the policy.
+    significance: bool = False
+    #: The figure judged: an attack's name, or ``worst`` (worst case over attacks).
+    on: str = WORST
+
+    @property
+    def active(self) -> bool:
+        return any(
+            v is not None for v in (self.min_class_robust, self.min_ratio, self.max_gap, self.max_drop)
+        )
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed policy: the figure, the threshold it missed, and a sentence saying so."""
+
+    policy: str
+    value: float
+    threshold: float
+    message: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    index: int
+    name: str
+    robust_acc: float
+    failures: tuple[Failure, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def judge(
+    stats: Sequence[ClassStats],
+    policy: GatePolicy,
+    baseline: Mapping[str, float] | None = None,
+) -> list[Verdict]:
+    """A verdict per class. ``baseline`` maps class names to their robust accuracy before."""
+    present = [s for s in stats if s.n > 0]
+    accs = [s.robust[policy.on].acc for s in present]
+    mean = sum(accs) / len(accs) if accs else 0.0
+    best = max(accs, default=0.0)
+    verdicts = []
+    for s in stats:
+        rate = s.robust[policy.on]
+        if s.n == 0:
+            verdicts.append(Verdict(s.index, s.name, rate.acc, ()))
+            continue
+        # Under --significance a class fails only if even its optimistic bound fails.
+        acc = rate.high if policy.significance else rate.acc
+        shown = f"{rate.acc:.1%}" + (f" (95% CI up to {rate.high:.1%})" if policy.significance else "")
+        failures = []
+        if policy.min_class_robust is not None and acc < policy.min_class_robust:
+            failures.append(Failure(
+                "min_class_robust", rate.acc, policy.min_class_robust,
+                f"robust accuracy {shown} is below the floor {policy.min_class_robust:.1%}",
+            ))
+        if policy.min_ratio is not None and acc < policy.min_ratio * mean:
+            failures.append(Failure(
+                "min_ratio", rate.acc, policy.min_ratio * mean,
+                f"robust accuracy {shown} is below {policy.min_ratio:g} x the class mean "
+                f"{mean:.1%} = {policy.min_ratio * mean:.1%}",
+            ))
+        if policy.max_gap is not None and best - acc > policy.max_gap:
+            failures.append(Failure(
+                "max_gap", best - rate.acc, policy.max_gap,
+                f"robust accuracy {shown} is {best - rate.acc:.1%} below the best class "
+                f"({best:.1%}); allowed gap {policy.max_gap:.1%}",
+            ))
+        if policy.max_drop is not None and baseline is not None and s.name in baseline:
+            drop = baseline[s.name] - acc
+            if drop > policy.max_drop:
+                failures.append(Failure(
+                    "max_drop", baseline[s.name] - rate.acc, policy.max_drop,
+                    f"robust accuracy {shown} dropped {baseline[s.name] - rate.acc:.1%} from the "
+                    f"baseline {baseline[s.name]:.1%}; allowed drop {policy.max_drop:.1%}",
+                ))
+        verdicts.append(Verdict(s.index, s.name, rate.acc, tuple(failures)))
+    return verdicts

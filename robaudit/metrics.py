@@ -1,0 +1,288 @@
+"""Per-class statistics of an audit: accuracies, Wilson intervals, confusion, rank correlation.
+
+Everything here works on plain per-example arrays, so the same figures come out of one process,
+of several (after their counts are summed), and of a partial run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: The name under which the worst case over all attacks is reported.
+WORST = "worst"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``correct`` of ``n``, with a 95% Wilson score interval."""
+
+    correct: int
+    n: int
+    low: float
+    high: float
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+    @classmethod
+    def of(cls, correct: int, n: int) -> Rate:
+        return cls(int(correct), int(n), *wilson_interval(int(correct), int(n)))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval (Wilson, 1927): sound near 0 and 1 and for small n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation with average ranks for ties; None when a side is constant."""
+    ra, rb = _ranks(np.asarray(a, dtype=float)), _ranks(np.asarray(b, dtype=float))
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    order = values.argsort(kind="stable")
+    ranks = np.empty(len(values), dtype=float)
+    ranks[order] = np.arange(len(values), dtype=float)
+    for value in np.unique(values):  # ties share their average rank
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+@dataclass
+class Records:
+    """Per-example outcomes of an audit, in data set order of processing."""
+
+    attack_names: list[str]
+    index: list[np.ndarray] = field(default_factory=list)
+    y: list[np.ndarray] = field(default_factory=list)
+    clean_pred: list[np.ndarray] = field(default_factory=list)
+    clean_margin: list[np.ndarray] = field(default_factory=list)
+    adv_pred: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    adv_margin: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    forwards: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    bad_gradient: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    #: Predictions of the deployed runtime (onnxruntime) on each attack's adversarial example.
+    runtime_pred: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    runtime_clean_pred: list[np.ndarray] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(sum(len(part) for part in self.y))
+
+    def array(self, name: str, attack: str | None = None) -> np.ndarray:
+        """One field concatenated over batches."""
+        parts = getattr(self, name) if attack is None else getattr(self, name).get(attack, [])
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """Figures of one class."""
+
+    index: int
+    name: str
+    n: int
+    clean: Rate
+    #: Robust accuracy under each attack, plus ``WORST``: the worst case over all of them.
+    robust: dict[str, Rate]
+    #: Worst-case robust accuracy confirmed by the deployed runtime (ONNX models only).
+    runtime_robust: Rate | None
+    mean_clean_margin: float
+    mean_adv_margin: float
+    #: Where the broken examples went, worst case over attacks: counts per predicted class.
+    confusion_row: list[int]
+
+
+@dataclass(frozen=True)
+class GainSplit:
+    """How the strongest attack's gain over the weakest spreads over classes."""
+
+    weakest: str
+    strongest: str
+    total_broken: int
+    #: Per class: extra examples the strongest attack broke (may be negative).
+    per_class: list[int]
+    #: Share of the gain in the half of classes least robust under the weakest attack.
+    vulnerable_half_share: float | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Figures across classes."""
+
+    n: int
+    clean_acc: float
+    #: Per attack (and ``WORST``): accuracy over all examples (micro average).
+    robust_acc: dict[str, float]
+    #: Per attack (and ``WORST``): mean of class robust accuracies (macro average).
+    mean_class_robust: dict[str, float]
+    worst_class: str
+    worst_class_robust: float
+    best_class: str
+    best_class_robust: float
+    gap: float
+    std: float
+    #: Spearman correlation of the class ranking between each pair of attacks.
+    rank_correlation: dict[str, float | None]
+    gain_split: GainSplit | None
+    #: Accuracy the deployed runtime confirms (ONNX only): clean and worst case.
+    runtime_clean_acc: float | None
+    runtime_robust_acc: float | None
+    #: Share of attacked examples with zero or non-finite input gradients, per attack.
+    bad_gradient_share: dict[str, float]
+    #: Mean forward passes per clean-correct example, per attack.
+    mean_forwards: dict[str, float]
+
+
+def class_stats(records: Records, class_names: Sequence[str]) -> list[ClassStats]:
+    """Figures per class from per-example records."""
+    k = len(class_names)
+    y = records.array("y").astype(np.int64)
+    clean_ok = records.array("clean_pred").astype(np.int64) == y
+    robust_ok = {a: clean_ok & (records.array("adv_pred", a) == y) for a in records.attack_names}
+    worst_ok, worst_pred, worst_margin = _worst_case(records, clean_ok)
+    runtime_ok = _runtime_robust(records, y)
+    clean_margin = records.array("clean_margin")
+
+    stats = []
+    for c in range(k):
+        of_c = y == c
+        n = int(of_c.sum())
+        rates = {a: Rate.of(int(ok[of_c].sum()), n) for a, ok in robust_ok.items()}
+        rates[WORST] = Rate.of(int(worst_ok[of_c].sum()), n)
+        broken = of_c & clean_ok & ~worst_ok
+        attacked = of_c & clean_ok
+        stats.append(
+            ClassStats(
+                index=c,
+                name=class_names[c],
+                n=n,
+                clean=Rate.of(int(clean_ok[of_c].sum()), n),
+                robust=rates,
+                runtime_robust=(
+                    None if runtime_ok is None else Rate.of(int(runtime_ok[of_c].sum()), n)
+                ),
+                mean_clean_margin=_mean(clean_margin[of_c]),
+                mean_adv_margin=_mean(worst_margin[attacked]),
+                confusion_row=np.bincount(worst_pred[broken], minlength=k)[:k].tolist(),
+            )
+        )
+    return stats
+
+
+def confusion(records: Records, num_classes: int, attack: str) -> list[list[int]]:
+    """Adversarial confusion of one attack: row = true class, column = where broken examples went."""
+    y = records.array("y").astype(np.int64)
+    clean_ok = records.array("clean_pred").astype(np.int64) == y
+    pred = records.array("adv_pred", attack).astype(np.int64)
+    broken = clean_ok & (pred != y)
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (y[broken], pred[broken]), 1)
+    return matrix.tolist()
+
+
+def summarize(records: Records, stats: Sequence[ClassStats]) -> Summary:
+    """Figures across classes."""
+    y = records.array("y").astype(np.int64)
+    n = len(y)
+    clean_ok = records.array("clean_pred").astype(np.int64) == y
+    names = [*records.attack_names, WORST]
+    present = [s for s in stats if s.n > 0]
+    worst_acc = np.array([s.robust[WORST].acc for s in present])
+    worst_i, best_i = int(worst_acc.argmin()), int(worst_acc.argmax())
+    runtime_ok = _runtime_robust(records, y)
+    runtime_clean = records.array("runtime_clean_pred")
+    forwards = {}
+    bad = {}
+    for a in records.attack_names:
+        attacked = clean_ok
+        forwards[a] = _mean(records.array("forwards", a)[attacked])
+        bad[a] = _mean(records.array("bad_gradient", a)[attacked].astype(float))
+    return Summary(
+        n=n,
+        clean_acc=_mean(clean_ok.astype(float)),
+        robust_acc={a: sum(s.robust[a].correct for s in stats) / n if n else float("nan")
+                    for a in names},
+        mean_class_robust={a: _mean(np.array([s.robust[a].acc for s in present])) for a in names},
+        worst_class=present[worst_i].name,
+        worst_class_robust=float(worst_acc[worst_i]),
+        best_class=present[best_i].name,
+        best_class_robust=float(worst_acc[best_i]),
+        gap=float(worst_acc[best_i] - worst_acc[worst_i]),
+        std=float(worst_acc.std()),
+        rank_correlation=_rank_correlations(records.attack_names, present),
+        gain_split=_gain_split(records.attack_names, present),
+        runtime_clean_acc=(
+            None if len(runtime_clean) == 0 else _mean((runtime_clean.astype(np.int64) == y))
+        ),
+        runtime_robust_acc=None if runtime_ok is None else _mean(runtime_ok.astype(float)),
+        bad_gradient_share=bad,
+        mean_forwards=forwards,
+    )
+
+
+def _worst_case(
+    records: Records, clean_ok: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per example: robust under every attack, the prediction and margin of the strongest one."""
+    y = records.array("y").astype(np.int64)
+    preds = np.stack([records.array("adv_pred", a).astype(np.int64) for a in records.attack_names])
+    margins = np.stack([records.array("adv_margin", a) for a in records.attack_names])
+    robust = clean_ok & (preds == y).all(axis=0)
+    # The strongest attack on an example is a breaking one if any broke it, else lowest margin.
+    score = np.where(preds != y, -np.inf, margins)
+    strongest = score.argmin(axis=0)
+    cols = np.arange(len(y))
+    return robust, preds[strongest, cols], margins[strongest, cols]
+
+
+def _runtime_robust(records: Records, y: np.ndarray) -> np.ndarray | None:
+    if not records.runtime_clean_pred:
+        return None
+    ok = records.array("runtime_clean_pred").astype(np.int64) == y
+    for a in records.attack_names:
+        ok &= records.array("runtime_pred", a).astype(np.int64) == y
+    return ok
+
+
+def _rank_correlations(attacks: Sequence[str], stats: Sequence[ClassStats]) -> dict[str, float | None]:
+    result = {}
+    for i, a in enumerate(attacks):
+        for b in attacks[i + 1 :]:
+            result[f"{a}~{b}"] = spearman(
+                [s.robust[a].acc for s in stats], [s.robust[b].acc for s in stats]
+            )
+    return result
+
+
+def _gain_split(attacks: Sequence[str], stats: Sequence[ClassStats]) -> GainSplit | None:
+    if len(attacks) < 2:
+        return None
+    totals = {a: sum(s.robust[a].correct for s in stats) for a in attacks}
+    weakest = max(attacks, key=lambda a: totals[a])
+    strongest = min(attacks, key=lambda a: totals[a])
+    gains = [s.robust[weakest].correct - s.robust[strongest].correct for s in stats]
+    total = sum(gains)
+    order = sorted(range(len(stats)), key=lambda i: stats[i].robust[weakest].acc)
+    vulnerable = order[: max(1, len(order) // 2)]
+    share = None if total <= 0 else sum(gains[i] for i in vulnerable) / total
+    return GainSplit(weakest, strongest, total, gains, share)
+
+
+def _mean(values: np.ndarray | float) -> float:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()) if arr.size else float("nan")

@@ -1,0 +1,177 @@
+"""The JSON report: every figure of a scan, with its configuration and provenance.
+
+Schema ``robaudit.scan`` version 1. NaN (a class with no examples) is written as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from robaudit.attacks import ATTACKS
+from robaudit.audit import ScanResult
+from robaudit.config import format_eps
+from robaudit.errors import ExitCode, UsageError
+from robaudit.gate import GatePolicy, Verdict, judge
+from robaudit.metrics import WORST, Rate
+from robaudit.reports import atomic_write
+
+SCHEMA = "robaudit.scan"
+SCHEMA_VERSION = 1
+
+
+def exit_code(result: ScanResult) -> ExitCode:
+    if result.partial:
+        return ExitCode.INTERRUPTED
+    return ExitCode.FLAGGED if result.flagged else ExitCode.OK
+
+
+def _rate(rate: Rate | None) -> dict[str, Any] | None:
+    if rate is None:
+        return None
+    return {"acc": rate.acc, "correct": rate.correct, "n": rate.n, "ci95": [rate.low, rate.high]}
+
+
+def _verdict(verdict: Verdict) -> dict[str, Any]:
+    return {
+        "passed": verdict.passed,
+        "failures": [
+            {"policy": f.policy, "value": f.value, "threshold": f.threshold, "message": f.message}
+            for f in verdict.failures
+        ],
+    }
+
+
+def to_dict(result: ScanResult) -> dict[str, Any]:
+    """The report document. Everything the other reports show comes from here."""
+    config = result.config
+    policy = GatePolicy(
+        min_class_robust=config.min_class_robust, min_ratio=config.min_ratio,
+        max_gap=config.max_gap, significance=config.significance, on=config.gate_on,
+    )
+    # Per-attack verdicts under the same policy: JUnit has a suite per attack.
+    by_figure = {
+        name: judge(result.stats, replace(policy, on=name)) for name in [*config.attacks, WORST]
+    }
+    step_size = config.step_size if config.step_size is not None else 2.5 * config.eps / config.steps
+    summary = result.summary
+    classes = []
+    for s in result.stats:
+        classes.append({
+            "index": s.index,
+            "name": s.name,
+            "n": s.n,
+            "clean": _rate(s.clean),
+            "robust": {name: _rate(rate) for name, rate in s.robust.items()},
+            "runtime_robust": _rate(s.runtime_robust),
+            "mean_clean_margin": s.mean_clean_margin,
+            "mean_adv_margin": s.mean_adv_margin,
+            "confusion_row": s.confusion_row,
+            "verdict": _verdict(result.verdicts[s.index]),
+            "verdict_by_figure": {n: _verdict(v[s.index]) for n, v in by_figure.items()},
+        })
+    code = exit_code(result)
+    doc = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": result.created,
+        "partial": result.partial,
+        "verdict": {
+            "passed": not result.flagged,
+            "exit_code": int(code),
+            "flagged": [v.name for v in result.flagged],
+            "gate": {
+                "on": policy.on,
+                "min_class_robust": policy.min_class_robust,
+                "min_ratio": policy.min_ratio,
+                "max_gap": policy.max_gap,
+                "significance": policy.significance,
+            },
+        },
+        "config": {**config.to_dict(), "eps_text": format_eps(config.eps),
+                   "sources": list(config.sources)},
+        "model": result.model,
+        "data": result.data,
+        "environment": result.environment,
+        "attacks": [
+            {
+                "name": name,
+                "description": ATTACKS[name][1],
+                "eps": config.eps,
+                "steps": 1 if name == "fgsm" else config.steps,
+                "step_size": config.eps if name == "fgsm" else step_size,
+                "restarts": 1 if name == "fgsm" else config.restarts,
+                **({"temperatures": list(config.temperatures)} if name == "tpgd" else {}),
+            }
+            for name in config.attacks
+        ],
+        "class_names": result.class_names,
+        "classes": classes,
+        "summary": {
+            "n": summary.n,
+            "clean_acc": summary.clean_acc,
+            "robust_acc": summary.robust_acc,
+            "mean_class_robust": summary.mean_class_robust,
+            "worst_class": {"name": summary.worst_class, "robust_acc": summary.worst_class_robust},
+            "best_class": {"name": summary.best_class, "robust_acc": summary.best_class_robust},
+            "gap": summary.gap,
+            "std": summary.std,
+            "rank_correlation": summary.rank_correlation,
+            "gain_split": None if summary.gain_split is None else {
+                "weakest": summary.gain_split.weakest,
+                "strongest": summary.gain_split.strongest,
+                "total_broken": summary.gain_split.total_broken,
+                "per_class": summary.gain_split.per_class,
+                "vulnerable_half_share": summary.gain_split.vulnerable_half_share,
+            },
+            "runtime_clean_acc": summary.runtime_clean_acc,
+            "runtime_robust_acc": summary.runtime_robust_acc,
+            "bad_gradient_share": summary.bad_gradient_share,
+            "mean_forwards": summary.mean_forwards,
+        },
+        "confusion": result.confusion,
+        "timings": result.timings,
+        "warnings": result.warnings,
+    }
+    return _clean(doc)
+
+
+def _clean(value: Any) -> Any:
+    """NaN and inf have no JSON form: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_json(path: str | Path, doc: dict[str, Any]) -> None:
+    atomic_write(path, dumps(doc).encode("utf-8"))
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A saved report, checked to be one robaudit can render."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"cannot read report {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not a JSON file ({e}); pass a report written by --json") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise UsageError(f"{path} is not a robaudit scan report; pass a file written by --json")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise UsageError(
+            f"{path} has report schema version {doc.get('schema_version')}, this robaudit reads "
+            f"version {SCHEMA_VERSION}; re-run the scan with this version"
+        )
+    return doc

@@ -1,0 +1,174 @@
+"""The terminal: the per-class table, the verdict line, warnings, errors and progress.
+
+The one module besides the CLI that imports rich. Colour follows rich's detection (``NO_COLOR``,
+``FORCE_COLOR``, a TTY or not); off a TTY the table is plain ASCII and there is no progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from robaudit.metrics import WORST
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+class TerminalReporter:
+    """Everything robaudit shows a person. ``verbosity``: -1 quiet, 0 normal, 1 verbose."""
+
+    def __init__(self, verbosity: int = 0, console: Console | None = None) -> None:
+        self.verbosity = verbosity
+        self.console = console or Console(highlight=False)
+        self.errors = Console(stderr=True, highlight=False)
+        self.interactive = self.console.is_terminal and not os.environ.get("CI")
+
+    @contextmanager
+    def progress(self) -> Iterator[Callable[[Any], None]]:
+        """A callback for ``audit.scan(progress=...)``: a bar on a TTY, nothing elsewhere."""
+        if not self.interactive:
+            yield self._log_progress if self.verbosity > 0 else (lambda _event: None)
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+
+            def update(event: Any) -> None:
+                bar.update(task, description=event.stage, completed=event.done,
+                           total=event.total or None)
+
+            yield update
+
+    def _log_progress(self, event: Any) -> None:
+        # Off a TTY (CI logs), -v gives one plain line per stage and per batch instead of a bar.
+        counts = f" {event.done}/{event.total}" if event.total else ""
+        self.errors.print(f"robaudit: {event.stage}{counts}", soft_wrap=True)
+
+    def warn(self, message: str) -> None:
+        self.errors.print(Text(f"warning: {message}", style="yellow"))
+
+    def error(self, message: str) -> None:
+        self.errors.print(Text(f"error: {message}", style="bold red"))
+
+    def info(self, message: str) -> None:
+        if self.verbosity >= 0:
+            self.console.print(Text(message))
+
+    def render(self, doc: dict[str, Any]) -> None:
+        """The scan's result: header, table, summary, flagged reasons, warnings, verdict line."""
+        if self.verbosity >= 0:
+            self._header(doc)
+            self.console.print(self._table(doc))
+            self._summary(doc)
+            self._reasons(doc)
+        for warning in doc["warnings"]:
+            self.warn(warning)
+        self._verdict_line(doc)
+
+    def _header(self, doc: dict[str, Any]) -> None:
+        config, env = doc["config"], doc["environment"]
+        attacks = ", ".join(
+            a["name"] + (f" (T={','.join(f'{t:g}' for t in a['temperatures'])})"
+                         if "temperatures" in a else "")
+            for a in doc["attacks"]
+        )
+        self.console.rule(Text("robaudit scan", style="bold"), characters="=")
+        for label, value in (
+            ("model", doc["model"]["description"]),
+            ("data", f"{doc['data']['description']}: {doc['data']['audited']} examples audited"),
+            ("attack", f"{attacks}; eps {config['eps_text']} (L-inf, pixels in [0,1]), "
+                       f"{config['steps']} steps, {config['restarts']} restart(s), "
+                       f"seed {config['seed']}"),
+            ("device", f"{env['device']} ({env['device_name']}), torch {env['torch']}"),
+        ):
+            self.console.print(Text.assemble((f"{label:>7}: ", "dim"), value))
+
+    def _table(self, doc: dict[str, Any]) -> Table:
+        figures = [a["name"] for a in doc["attacks"]]
+        runtime = any(c["runtime_robust"] for c in doc["classes"])
+        gate_on = doc["verdict"]["gate"]["on"]
+        table = Table(box=box.SIMPLE_HEAD if self.console.is_terminal else box.ASCII,
+                      show_edge=False, pad_edge=False)
+        table.add_column("class")
+        table.add_column("n", justify="right")
+        table.add_column("clean", justify="right")
+        for name in figures:
+            table.add_column(name, justify="right")
+        table.add_column("worst (95% CI)", justify="right")
+        if runtime:
+            table.add_column("ORT", justify="right")
+        table.add_column("verdict")
+        for c in doc["classes"]:
+            if c["n"] == 0:  # not in the data, or filtered out with --classes: JSON keeps it
+                continue
+            worst = c["robust"][WORST]
+            ci = "" if worst["acc"] is None else f" ({worst['ci95'][0]:.0%}-{worst['ci95'][1]:.0%})"
+            flagged = not c["verdict"]["passed"]
+            cells = [c["name"], str(c["n"]), _pct(c["clean"]["acc"])]
+            cells += [_pct(c["robust"][name]["acc"]) for name in figures]
+            cells.append(_pct(worst["acc"]) + ci)
+            if runtime:
+                cells.append(_pct((c["runtime_robust"] or {}).get("acc")))
+            cells.append("FLAGGED" if flagged else "passed")
+            table.add_row(*cells, style="bold red" if flagged else None)
+        notes = []
+        if gate_on != WORST:
+            notes.append(f"gate on: {gate_on}")
+        empty = sum(1 for c in doc["classes"] if c["n"] == 0)
+        if empty:
+            notes.append(f"{empty} class{'es' if empty != 1 else ''} without examples not shown")
+        table.caption = "; ".join(notes) or None
+        return table
+
+    def _summary(self, doc: dict[str, Any]) -> None:
+        s = doc["summary"]
+        self.console.print(
+            f"clean accuracy {_pct(s['clean_acc'])}; robust accuracy (worst case) "
+            f"{_pct(s['robust_acc'][WORST])}, class mean {_pct(s['mean_class_robust'][WORST])}"
+        )
+        self.console.print(
+            f"worst class {s['worst_class']['name']} {_pct(s['worst_class']['robust_acc'])}, "
+            f"best {s['best_class']['name']} {_pct(s['best_class']['robust_acc'])}, "
+            f"gap {s['gap'] * 100:.1f} pp, std {s['std'] * 100:.1f} pp"
+        )
+        for pair, rho in s["rank_correlation"].items():
+            shown = "undefined" if rho is None else f"{rho:.2f}"
+            self.console.print(f"class ranking agreement {pair.replace('~', ' vs ')}: "
+                               f"Spearman {shown}")
+        if s["runtime_robust_acc"] is not None:
+            self.console.print(
+                f"onnxruntime confirms: clean {_pct(s['runtime_clean_acc'])}, robust (worst case) "
+                f"{_pct(s['runtime_robust_acc'])}"
+            )
+
+    def _reasons(self, doc: dict[str, Any]) -> None:
+        for c in doc["classes"]:
+            for failure in c["verdict"]["failures"]:
+                self.console.print(Text(f"FLAGGED {c['name']}: {failure['message']}",
+                                        style="red"))
+
+    def _verdict_line(self, doc: dict[str, Any]) -> None:
+        flagged = len(doc["verdict"]["flagged"])
+        passed = sum(1 for c in doc["classes"] if c["verdict"]["passed"] and c["n"] > 0)
+        seconds = doc["timings"]["total_s"]
+        parts = []
+        if flagged:
+            parts.append(f"{flagged} class{'es' if flagged != 1 else ''} flagged")
+        parts.append(f"{passed} passed")
+        line = f"{', '.join(parts)} in {seconds:.1f}s"
+        if doc["partial"]:
+            line = (f"interrupted: partial results over {doc['data']['audited']} of "
+                    f"{doc['data']['selected']} examples; {line}")
+        style = "bold red" if flagged or doc["partial"] else "bold green"
+        self.console.rule(Text(line, style=style), characters="=")
