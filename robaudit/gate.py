@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from robaudit.metrics import WORST, ClassStats
 
+# Accuracies are ratios of counts: 0.9 - 0.3 must not exceed an allowed gap of 0.6 by rounding.
+_TOL = 1e-9
+
 
 @dataclass(frozen=True)
 class GatePolicy:
@@ -74,18 +77,18 @@ def judge(
         acc = rate.high if policy.significance else rate.acc
         shown = f"{rate.acc:.1%}" + (f" (95% CI up to {rate.high:.1%})" if policy.significance else "")
         failures = []
-        if policy.min_class_robust is not None and acc < policy.min_class_robust:
+        if policy.min_class_robust is not None and acc < policy.min_class_robust - _TOL:
             failures.append(Failure(
                 "min_class_robust", rate.acc, policy.min_class_robust,
                 f"robust accuracy {shown} is below the floor {policy.min_class_robust:.1%}",
             ))
-        if policy.min_ratio is not None and acc < policy.min_ratio * mean:
+        if policy.min_ratio is not None and acc < policy.min_ratio * mean - _TOL:
             failures.append(Failure(
                 "min_ratio", rate.acc, policy.min_ratio * mean,
                 f"robust accuracy {shown} is below {policy.min_ratio:g} x the class mean "
                 f"{mean:.1%} = {policy.min_ratio * mean:.1%}",
             ))
-        if policy.max_gap is not None and best - acc > policy.max_gap:
+        if policy.max_gap is not None and best - acc > policy.max_gap + _TOL:
             failures.append(Failure(
                 "max_gap", best - rate.acc, policy.max_gap,
                 f"robust accuracy {shown} is {best - rate.acc:.1%} below the best class "
@@ -93,7 +96,7 @@ def judge(
             ))
         if policy.max_drop is not None and baseline is not None and s.name in baseline:
             drop = baseline[s.name] - acc
-            if drop > policy.max_drop:
+            if drop > policy.max_drop + _TOL:
                 failures.append(Failure(
                     "max_drop", baseline[s.name] - rate.acc, policy.max_drop,
                     f"robust accuracy {shown} dropped {baseline[s.name] - rate.acc:.1%} from the "

@@ -1,0 +1,117 @@
+"""JSON, JUnit XML and the terminal table, rendered from a real scan of the example."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import xmlschema
+from conftest import DIGITS
+from rich.console import Console
+
+from robaudit.audit import scan
+from robaudit.config import ScanConfig
+from robaudit.reports import atomic_write
+from robaudit.reports.json import SCHEMA_VERSION, dumps, read_json, to_dict, write_json
+from robaudit.reports.junit import render_junit
+from robaudit.reports.terminal import TerminalReporter
+
+SCHEMA = xmlschema.XMLSchema(Path(__file__).parent / "schemas" / "junit.xsd")
+HOSTILE = ["<script>alert(1)</script>", 'a&b "quoted"', "bell\x07char", "it's", "ünïcødé",
+           "]]>", "five", "six", "seven", "eight"]
+
+
+@pytest.fixture(scope="module")
+def hostile_doc(tmp_path_factory) -> dict:
+    names = tmp_path_factory.mktemp("names") / "names.txt"
+    names.write_text("\n".join(HOSTILE), encoding="utf-8")
+    config = ScanConfig(model=str(DIGITS / "model.pt2"), data=str(DIGITS / "test.npz"),
+                        class_names=str(names), eps=0.2, steps=5, per_class=8,
+                        min_class_robust=0.4)
+    return to_dict(scan(config))
+
+
+def test_json_round_trips_and_carries_provenance(hostile_doc, tmp_path):
+    path = tmp_path / "r.json"
+    write_json(path, hostile_doc)
+    doc = read_json(path)
+    assert doc == json.loads(dumps(hostile_doc))
+    assert doc["schema_version"] == SCHEMA_VERSION
+    assert [c["name"] for c in doc["classes"]] == HOSTILE
+    assert doc["environment"]["torch"] and doc["environment"]["robaudit"]
+    assert doc["config"]["eps"] == 0.2 and doc["config"]["eps_text"] == "0.2"
+    assert {a["name"] for a in doc["attacks"]} == {"pgd", "tpgd"}
+    assert sum(c["n"] for c in doc["classes"]) == doc["data"]["audited"] == 80
+    for c in doc["classes"]:
+        worst = c["robust"]["worst"]
+        assert worst["correct"] <= min(c["robust"]["pgd"]["correct"],
+                                       c["robust"]["tpgd"]["correct"])
+        assert worst["ci95"][0] <= worst["acc"] <= worst["ci95"][1]
+        assert sum(c["confusion_row"]) == c["clean"]["correct"] - worst["correct"]
+    assert len(doc["confusion"]["pgd"]) == 10
+
+
+def test_a_class_without_examples_is_null_in_json_not_nan(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(str(i) for i in range(10)))
+    config = ScanConfig(model=str(DIGITS / "model.pt2"), data=str(DIGITS / "test.npz"),
+                        class_names=str(names), classes=("3",), steps=2, per_class=4)
+    doc = json.loads(dumps(to_dict(scan(config))))
+    assert doc["classes"][3]["n"] == 4
+    assert doc["classes"][0]["n"] == 0 and doc["classes"][0]["robust"]["worst"]["acc"] is None
+
+
+def test_junit_is_valid_against_the_junit_schema(hostile_doc):
+    xml = render_junit(hostile_doc)
+    SCHEMA.validate(xml.decode("utf-8"))
+    root = ET.fromstring(xml)
+    suites = root.findall("testsuite")
+    assert [s.get("name") for s in suites] == ["robaudit.pgd", "robaudit.tpgd", "robaudit.worst"]
+    for suite in suites:
+        cases = suite.findall("testcase")
+        assert len(cases) == 10 == int(suite.get("tests"))
+        assert int(suite.get("failures")) == len(suite.findall("testcase/failure"))
+
+
+def test_junit_failures_match_the_verdicts_and_carry_the_figures(hostile_doc):
+    root = ET.fromstring(render_junit(hostile_doc))
+    worst = root.find("testsuite[@name='robaudit.worst']")
+    failed = {case.get("name") for case in worst.findall("testcase") if case.find("failure") is not None}
+    assert failed == set(hostile_doc["verdict"]["flagged"])
+    assert failed  # the example always has classes below 40%
+    failure = next(c for c in worst.findall("testcase") if c.find("failure") is not None)
+    assert "below the floor 40.0%" in failure.find("failure").get("message")
+
+
+def test_hostile_class_names_are_escaped_in_junit(hostile_doc):
+    xml = render_junit(hostile_doc)
+    assert b"<script>" not in xml
+    assert b"&lt;script&gt;alert(1)&lt;/script&gt;" in xml
+    assert b"\x07" not in xml  # XML 1.0 cannot hold it at all
+    names = [c.get("name") for c in ET.fromstring(xml).find("testsuite").findall("testcase")]
+    assert names[:2] == HOSTILE[:2]
+    assert names[2] == "bell\ufffdchar"
+    assert names[4:6] == HOSTILE[4:6]
+
+
+def test_terminal_table_shows_every_class_and_the_verdict(hostile_doc):
+    console = Console(record=True, width=160, force_terminal=False, color_system=None)
+    TerminalReporter(console=console).render(hostile_doc)
+    text = console.export_text()
+    for name in ("<script>alert(1)</script>", 'a&b "quoted"', "ünïcødé"):
+        assert name in text
+    flagged = len(hostile_doc["verdict"]["flagged"])
+    assert f"{flagged} class" in text and "flagged" in text
+    assert "+" in text or "|" in text  # plain ASCII table off a TTY
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "r.json"
+    target.write_text("old")
+
+    with pytest.raises(TypeError):
+        atomic_write(target, object())  # type: ignore[arg-type]
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
