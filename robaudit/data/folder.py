@@ -1,0 +1,95 @@
+"""Folders of images, one sub-folder per class, read lazily one image at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from robaudit.data.source import one_line
+from robaudit.errors import DataError
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
+
+# What decoding a broken image raises: truncated or unknown files (OSError), bad headers
+# (SyntaxError, ValueError), and images large enough to be a decompression bomb.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode one image as RGB, or raise DataError naming the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except _DECODE_ERRORS as exc:
+        raise DataError(
+            f"cannot read image {path}: {one_line(exc)}; fix or remove the file"
+        ) from exc
+
+
+class ResizeCrop:
+    """Resize a PIL image to cover ``size`` (height, width), keeping its aspect; crop the centre.
+
+    A batch needs equal sizes; cropping rather than stretching keeps objects undistorted.
+    """
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        height, width = self.size
+        if image.size == (width, height):
+            return image
+        scale = max(height / image.height, width / image.width)
+        resized = (
+            max(width, round(image.width * scale)),
+            max(height, round(image.height * scale)),
+        )
+        image = image.resize(resized, Image.Resampling.BILINEAR)
+        left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+        return image.crop((left, top, left + width, top + height))
+
+    def __repr__(self) -> str:
+        return f"ResizeCrop(size={self.size})"
+
+
+def load_folder(path: Path, image_size: int | None) -> tuple[ImageFolder, np.ndarray, list[str]]:
+    """An ImageFolder over ``path`` with the images made one size; (dataset, targets, names).
+
+    With ``image_size`` every image is resized and centre-cropped to image_size x image_size;
+    without it, to the size of the first image, so images of mixed sizes still batch.
+    """
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import Compose, ToTensor
+
+    try:
+        # allow_empty: an empty class folder still takes its label index, so labels keep matching
+        # the model's outputs (folders are numbered in sorted order).
+        dataset = ImageFolder(str(path), loader=load_rgb, allow_empty=True)
+    except FileNotFoundError as exc:
+        raise DataError(
+            f"{path} has no class folders ({one_line(exc)}); lay images out as "
+            f"{path}/<class name>/<image file>"
+        ) from exc
+    if not dataset.samples:
+        raise DataError(
+            f"{path} contains no examples: its class folders {dataset.classes[:5]} hold no images "
+            "(.png, .jpg, ...); put images in them"
+        )
+    if image_size is not None:
+        size = (image_size, image_size)
+    else:
+        first = dataset.samples[0][0]
+        try:
+            with Image.open(first) as image:  # reads the header only
+                size = (image.height, image.width)
+        except _DECODE_ERRORS as exc:
+            raise DataError(
+                f"cannot read image {first}: {one_line(exc)}; fix or remove the file"
+            ) from exc
+    dataset.transform = Compose([ResizeCrop(size), ToTensor()])
+    targets = np.asarray(dataset.targets, dtype=np.int64)
+    return dataset, targets, list(dataset.classes)
