@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # torch and torchvision are pinned as a pair: a mismatched torchvision fails to import.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean chromium
 
 venv: $(STAMP)
 
@@ -26,7 +26,11 @@ demo: venv
 	code=$$?; echo "robaudit exited with $$code (0: all classes passed, 1: classes flagged)"; \
 	test $$code -le 1
 
-test: venv
+# The HTML report is tested in a real headless browser: Debian's chromium.
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: venv chromium
 	$(PY) -m pytest
 
 lint: venv

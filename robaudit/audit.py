@@ -19,14 +19,16 @@ import torch
 
 from robaudit import __version__
 from robaudit.attacks import AttackSettings, build_attacks
-from robaudit.attacks.engine import BatchAudit, audit_batch
+from robaudit.attacks.engine import Engine, ExampleResult, stream_audit
 from robaudit.attacks.losses import margin
-from robaudit.config import ScanConfig
+from robaudit.compare import Figures, check_comparable, read_figures
+from robaudit.config import ScanConfig, format_eps
 from robaudit.data import DataSource, iter_batches, load_data, select_indices
-from robaudit.errors import ConfigError, DataError, ModelOutputError, NothingToAudit
+from robaudit.errors import ConfigError, DataError, ModelOutputError, NothingToAudit, UsageError
 from robaudit.gate import GatePolicy, Verdict, judge
 from robaudit.metrics import ClassStats, Records, Summary, class_stats, confusion, summarize
-from robaudit.models import LoadedModel, load_model, verify_runtime
+from robaudit.gallery import make_gallery
+from robaudit.models import load_model, verify_runtime
 
 #: Examples beyond which a single disagreement between torch and onnxruntime is only a warning.
 RUNTIME_AGREEMENT_WARN = 0.01
@@ -57,9 +59,17 @@ class ScanResult:
     environment: dict[str, Any]
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    #: Signs of gradient masking found: ``{"check": ..., "message": ...}``.
+    sanity: list[dict[str, str]] = field(default_factory=list)
+    #: Per-class robust accuracy at each ε when several ran (ascending ε).
+    sweep: list[dict[str, Any]] = field(default_factory=list)
+    #: Adversarial examples of flagged classes, as PNG data URIs (see robaudit.gallery).
+    gallery: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: True when the scan was interrupted: figures cover the examples audited so far.
     partial: bool = False
     created: str = ""
+    #: The baseline report's figures, when the gate judged drops against one.
+    baseline: Figures | None = None
 
     @property
     def flagged(self) -> list[Verdict]:
@@ -83,12 +93,17 @@ def scan(
     """Audit ``config.model`` on ``config.data``.
 
     Ctrl-C (``KeyboardInterrupt``) during the attacks does not lose the work done: the result
-    covers the batches finished so far and has ``partial=True``.
+    covers the examples finished so far and has ``partial=True``.
     """
     started = time.perf_counter()
     report = progress or (lambda _p: None)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    # Read and check the baseline before anything slow: a mismatch is a usage error.
+    baseline = read_figures(config.baseline) if config.baseline else None
+    if baseline is not None:
+        check_comparable(baseline, eps=config.eps, attacks=config.attacks, audited=None,
+                         against="this scan")
 
     report(Progress("loading data", 0, 0))
     source = load_data(
@@ -96,6 +111,10 @@ def scan(
         class_names_file=config.class_names, image_size=config.image_size,
     )
     indices = _select(source, config)
+    if baseline is not None:
+        audited = sorted(set(np.asarray(source.targets)[indices].tolist()))
+        check_comparable(baseline, eps=config.eps, attacks=config.attacks,
+                         audited=[source.class_names[t] for t in audited], against="this scan")
     report(Progress("loading model", 0, len(indices)))
     model = load_model(
         config.model, arch=config.arch, num_classes=config.num_classes,
@@ -103,57 +122,84 @@ def scan(
     )
     loaded = time.perf_counter()
 
-    settings = AttackSettings(
-        eps=config.eps, steps=config.steps, step_size=config.step_size,
-        restarts=config.restarts, temperatures=config.temperatures,
-    )
-    attacks = build_attacks(config.attacks, settings)
-    records = Records(attack_names=list(config.attacks))
+    eps_list = list(config.eps_sweep) or [config.eps]
+    gate_e = min(range(len(eps_list)), key=lambda e: abs(eps_list[e] - config.eps))
+    attack_sets = [build_attacks(config.attacks, _settings(config, eps)) for eps in eps_list]
+    records = [Records(attack_names=list(config.attacks)) for _ in eps_list]
     warnings: list[str] = []
-    attack_seconds = dict.fromkeys(config.attacks, 0.0)
+    sanity: list[dict[str, str]] = []
+    runtime = model.runtime if config.runtime_check else None
     runtime_diff: float | None = None
     partial = False
-    checked = False
     module = model.module
     was_training = module.training
     module.eval()
-    try:
-        for x, y, idx in iter_batches(source, indices, config.batch_size):
+    engine = Engine(module, config.batch_size, amp=config.amp)
+    if config.amp and device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+
+    def batches():
+        nonlocal runtime_diff
+        for i, (x, y, idx) in enumerate(iter_batches(source, indices, config.batch_size)):
             x, y = x.to(device), y.to(device)
-            if not checked:
-                _check_outputs(module, x, len(source.class_names), warnings)
-                if config.runtime_check:
+            if i == 0:
+                _check_outputs(module, x, len(source.class_names), warnings, sanity)
+                if runtime is not None:
                     runtime_diff = verify_runtime(model, x.cpu())
-                checked = True
-            seeds = idx.to(torch.int64) + config.seed * (1 << 32)
-            batch = audit_batch(module, attacks, x, y, seeds, seconds=attack_seconds)
-            _record(records, batch, idx, model if config.runtime_check else None)
-            report(Progress("attacking", len(records), len(indices)))
+            yield x, y, idx
+
+    done = 0
+    try:
+        stream = stream_audit(module, batches(), attack_sets, batch_size=config.batch_size,
+                              seed=config.seed, worst_case=config.mode == "worst-case",
+                              engine=engine)
+        for finished in stream:
+            for e, rec in enumerate(records):
+                _record(rec, finished, e, runtime if e == gate_e else None)
+            done += len(finished)
+            report(Progress("attacking", done, len(indices)))
     except KeyboardInterrupt:
         partial = True
+    except torch.cuda.OutOfMemoryError as exc:  # the user's fix: a smaller batch
+        raise UsageError(
+            f"out of memory on {device} with batches of {config.batch_size}; lower --batch-size"
+        ) from exc
     finally:
         module.train(was_training)
-    finished = time.perf_counter()
+    finished_at = time.perf_counter()
 
-    if len(records) == 0:
+    main = records[gate_e]
+    if len(main) == 0:
         if partial:
             raise KeyboardInterrupt
         raise NothingToAudit("nothing to audit: no examples were selected")
-    stats = class_stats(records, source.class_names)
-    summary = summarize(records, stats)
+    stats = class_stats(main, source.class_names)
+    summary = summarize(main, stats)
     policy = GatePolicy(
         min_class_robust=config.min_class_robust, min_ratio=config.min_ratio,
-        max_gap=config.max_gap, significance=config.significance, on=config.gate_on,
+        max_gap=config.max_gap, max_drop=config.max_drop, significance=config.significance,
+        on=config.gate_on,
     )
-    verdicts = judge(stats, policy)
-    warnings.extend(_sanity_warnings(summary, config))
+    verdicts = judge(stats, policy, baseline.robust.get(config.gate_on) if baseline else None)
+    sweep = _sweep(records, eps_list, source.class_names) if len(eps_list) > 1 else []
+    sanity.extend(_sanity_checks(summary, sweep, config))
+    warnings.extend(_runtime_warnings(summary))
+    warnings.extend(item["message"] for item in sanity)
+    gallery = {}
+    if not partial:
+        flagged = [v.index for v in verdicts if not v.passed]
+        try:
+            gallery = make_gallery(module, source, main, flagged, attack_sets[gate_e],
+                                   seed=config.seed, device=device)
+        except KeyboardInterrupt:  # every figure is in: keep them, only the pictures are lost
+            partial = True
     return ScanResult(
         config=config,
         class_names=list(source.class_names),
         stats=stats,
         summary=summary,
         verdicts=verdicts,
-        confusion={a: confusion(records, len(source.class_names), a) for a in config.attacks},
+        confusion={a: confusion(main, len(source.class_names), a) for a in config.attacks},
         model={
             "path": str(model.path),
             "format": model.format,
@@ -165,19 +211,31 @@ def scan(
             "description": source.description,
             "size": len(source.targets),
             "selected": len(indices),
-            "audited": len(records),
+            "audited": len(main),
         },
         environment=environment(device),
         timings={
             "load_s": loaded - started,
-            "attack_s": finished - loaded,
+            "attack_s": finished_at - loaded,
             "total_s": time.perf_counter() - started,
-            **{f"{a}_s": s for a, s in attack_seconds.items()},
+            **{f"{a}_s": engine.seconds.get(a, 0.0) for a in config.attacks},
         },
         warnings=warnings,
+        sanity=sanity,
+        sweep=sweep,
+        gallery=gallery,
         partial=partial,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        baseline=baseline,
     )
+
+
+def _settings(config: ScanConfig, eps: float) -> AttackSettings:
+    # An explicit step size is in pixel units at the gate's eps: scale it with a sweep's eps.
+    step_size = None if config.step_size is None else config.step_size * eps / config.eps
+    return AttackSettings(eps=eps, steps=config.steps, step_size=step_size,
+                          restarts=config.restarts, temperatures=config.temperatures,
+                          schedule=config.schedule)
 
 
 def _select(source: DataSource, config: ScanConfig) -> np.ndarray:
@@ -203,7 +261,7 @@ def _select(source: DataSource, config: ScanConfig) -> np.ndarray:
 
 
 def _check_outputs(module: torch.nn.Module, x: torch.Tensor, num_classes: int,
-                   warnings: list[str]) -> None:
+                   warnings: list[str], sanity: list[dict[str, str]]) -> None:
     """Refuse outputs that cannot be audited; warn about probabilities (attacks want logits)."""
     try:
         with torch.no_grad():
@@ -230,55 +288,108 @@ def _check_outputs(module: torch.nn.Module, x: torch.Tensor, num_classes: int,
             "the model's outputs contain NaN or inf on real inputs; check the model and "
             "the input range (robaudit feeds pixels in [0, 1]: use --mean/--std to normalise)"
         )
+    with torch.no_grad():
+        again = module(x)
+    if not torch.allclose(out, again, rtol=1e-4, atol=1e-5):
+        sanity.append({"check": "randomised_model", "message": (
+            "two clean passes over the same batch disagree: the model is randomised (dropout "
+            "left on, noise layers), which masks gradients; audit it with an expectation over "
+            "its randomness (EOT) or remove the randomness")})
     if bool((out >= 0).all()) and torch.allclose(out.sum(dim=1), torch.ones(out.shape[0],
                                                                              device=out.device),
                                                  atol=1e-3):
-        warnings.append(
+        sanity.append({"check": "probability_outputs", "message": (
             "the model's outputs look like probabilities (non-negative rows summing to 1); "
             "attacks need logits, so robust accuracy may be overestimated: export the model "
-            "without its final softmax"
-        )
+            "without its final softmax")})
 
 
-def _record(records: Records, batch: BatchAudit, idx: torch.Tensor,
-            model: LoadedModel | None) -> None:
-    y = batch.y
-    records.index.append(idx.numpy())
-    records.y.append(y.cpu().numpy())
-    records.clean_pred.append(batch.clean_logits.argmax(dim=1).cpu().numpy())
-    records.clean_margin.append(margin(batch.clean_logits, y).cpu().numpy())
-    for name, outcome in batch.outcomes.items():
-        records.adv_pred.setdefault(name, []).append(outcome.pred.cpu().numpy())
-        records.adv_margin.setdefault(name, []).append(outcome.margin(y).cpu().numpy())
-        records.forwards.setdefault(name, []).append(outcome.forwards.cpu().numpy())
-        records.bad_gradient.setdefault(name, []).append(outcome.bad_gradient.cpu().numpy())
-    if model is not None and model.runtime is not None:
+def _record(records: Records, examples: list[ExampleResult], e: int,
+            runtime: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    """Append finished examples' outcomes at the ``e``-th ε to ``records``."""
+    y = torch.tensor([ex.y for ex in examples])
+    clean = torch.stack([ex.clean_logits.float().cpu() for ex in examples])
+    records.index.append(np.array([ex.index for ex in examples], dtype=np.int64))
+    records.y.append(y.numpy())
+    records.clean_pred.append(clean.argmax(dim=1).numpy())
+    records.clean_margin.append(margin(clean, y).numpy())
+    adv_x: dict[str, torch.Tensor] = {}
+    for name in records.attack_names:
+        results = [ex.outcomes[(e, name)] for ex in examples]
+        logits = torch.stack([clean[i] if r is None else r.logits.float().cpu()
+                              for i, r in enumerate(results)])
+        records.adv_pred.setdefault(name, []).append(logits.argmax(dim=1).numpy())
+        records.adv_margin.setdefault(name, []).append(margin(logits, y).numpy())
+        records.forwards.setdefault(name, []).append(
+            np.array([0 if r is None else r.forwards for r in results], dtype=np.int64))
+        records.bad_gradient.setdefault(name, []).append(
+            np.array([False if r is None else r.bad_gradient for r in results]))
+        if runtime is not None:
+            adv_x[name] = torch.stack([ex.x.cpu() if r is None else r.x_adv.cpu()
+                                       for ex, r in zip(examples, results)])
+    if runtime is not None:
         # The deployed runtime sees the same adversarial inputs: does it agree they break?
-        # x_adv of an example that was not attacked is its clean input.
-        records.runtime_clean_pred.append(model.runtime(batch.x.cpu()).argmax(dim=1).numpy())
-        for name, outcome in batch.outcomes.items():
-            pred = model.runtime(outcome.x_adv.cpu()).argmax(dim=1).numpy()
-            records.runtime_pred.setdefault(name, []).append(pred)
+        xs = torch.stack([ex.x.cpu() for ex in examples])
+        records.runtime_clean_pred.append(runtime(xs).argmax(dim=1).numpy())
+        for name, x_adv in adv_x.items():
+            records.runtime_pred.setdefault(name, []).append(runtime(x_adv).argmax(dim=1).numpy())
 
 
-def _sanity_warnings(summary: Summary, config: ScanConfig) -> list[str]:
-    warnings = []
+def _sweep(records: list[Records], eps_list: list[float],
+           class_names: list[str]) -> list[dict[str, Any]]:
+    """Per-class robust accuracy at each ε of a sweep (robustness-vs-ε curves)."""
+    entries = []
+    for eps, rec in zip(eps_list, records):
+        if len(rec) == 0:
+            continue
+        stats = class_stats(rec, class_names)
+        summary = summarize(rec, stats)
+        entries.append({
+            "eps": eps,
+            "eps_text": format_eps(eps),
+            "robust_acc": summary.robust_acc,
+            "mean_class_robust": summary.mean_class_robust,
+            "classes": [{"name": s.name, "robust": {a: r.acc for a, r in s.robust.items()}}
+                        for s in stats],
+        })
+    return entries
+
+
+def _sanity_checks(summary: Summary, sweep: list[dict[str, Any]],
+                   config: ScanConfig) -> list[dict[str, str]]:
+    """The signs of gradient masking (Athalye et al. 2018; Croce and Hein 2020)."""
+    found = []
     for name, share in summary.bad_gradient_share.items():
         if share > 0.05:
-            warnings.append(
+            found.append({"check": "bad_gradients", "message": (
                 f"{name}: {share:.0%} of attacked examples had zero or non-finite input "
                 "gradients at some step, a sign of gradient masking; robust accuracy may be "
-                "overestimated"
-            )
-    if summary.runtime_robust_acc is not None:
-        gap = abs(summary.runtime_robust_acc - summary.robust_acc["worst"])
-        if gap > RUNTIME_AGREEMENT_WARN:
-            warnings.append(
-                f"onnxruntime confirms a worst-case robust accuracy of "
-                f"{summary.runtime_robust_acc:.1%} against {summary.robust_acc['worst']:.1%} "
-                "in torch: the converted model and the runtime disagree near the decision boundary"
-            )
-    return warnings
+                "overestimated")})
+    robust = summary.robust_acc
+    if ("fgsm" in robust and "pgd" in robust and config.mode == "each"
+            and robust["fgsm"] < robust["pgd"] - 0.01):
+        found.append({"check": "fgsm_stronger_than_pgd", "message": (
+            f"FGSM ({robust['fgsm']:.1%}) is stronger than PGD ({robust['pgd']:.1%}): a one-step "
+            "attack should never beat many steps unless gradients are masked")})
+    for lower, higher in zip(sweep, sweep[1:]):
+        low, high = lower["robust_acc"]["worst"], higher["robust_acc"]["worst"]
+        if high > low + 0.01:
+            found.append({"check": "rises_with_eps", "message": (
+                f"robust accuracy rises from {low:.1%} at eps {lower['eps_text']} to {high:.1%} "
+                f"at eps {higher['eps_text']}: a larger ball must not be harder to break, so the "
+                "attack is failing (gradient masking?)")})
+    return found
+
+
+def _runtime_warnings(summary: Summary) -> list[str]:
+    if summary.runtime_robust_acc is None:
+        return []
+    gap = abs(summary.runtime_robust_acc - summary.robust_acc["worst"])
+    if gap <= RUNTIME_AGREEMENT_WARN:
+        return []
+    return [f"onnxruntime confirms a worst-case robust accuracy of "
+            f"{summary.runtime_robust_acc:.1%} against {summary.robust_acc['worst']:.1%} in "
+            "torch: the converted model and the runtime disagree near the decision boundary"]
 
 
 def environment(device: torch.device) -> dict[str, Any]:

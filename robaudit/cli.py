@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,8 +60,16 @@ def _verbosity(verbose: int, quiet: int) -> int:
               help="Check an ONNX model's conversion and adversarial examples against "
               "onnxruntime.  [default: on]")
 @click.option("--attacks", help="Comma-separated: fgsm, pgd, tpgd, cw.  [default: pgd,tpgd]")
-@click.option("--eps", help="L-inf radius in pixel units [0,1]; fractions like 8/255 work.  "
-              "[default: 8/255]")
+@click.option("--eps", help="L-inf radius in pixel units [0,1]; fractions like 8/255 work; "
+              "several (2/255,4/255,8/255) run a sweep.  [default: 8/255]")
+@click.option("--gate-eps", help="With several --eps, the one the gate judges.  "
+              "[default: the largest]")
+@click.option("--mode", type=click.Choice(["each", "worst-case"]),
+              help="each: every attack on every example (per-attack figures); worst-case: later "
+              "attacks only on examples earlier ones did not break (faster).  [default: each]")
+@click.option("--schedule", type=click.Choice(["fixed", "halving"]),
+              help="Step size: fixed 2.5*eps/steps, or from 2*eps halved when the loss stalls "
+              "(APGD).  [default: fixed]")
 @click.option("--steps", type=int, help="Attack iterations.  [default: 20]")
 @click.option("--step-size", help="Step size.  [default: 2.5*eps/steps]")
 @click.option("--restarts", type=int, help="Random restarts (only still-robust examples "
@@ -70,6 +79,10 @@ def _verbosity(verbose: int, quiet: int) -> int:
 @click.option("--seed", type=int, help="Seed for sampling and random starts.  [default: 0]")
 @click.option("--batch-size", type=int, help="Examples per batch.  [default: 256]")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option("--amp/--no-amp", default=None,
+              help="bf16 autocast on CUDA (gradient sign in fp32).  [default: off]")
+@click.option("--strict/--no-strict", default=None,
+              help="Exit 4 when a sanity check finds signs of gradient masking.")
 @click.option("--min-class-robust", help="Flag classes whose robust accuracy is below this.")
 @click.option("--min-ratio", help="Flag classes below this fraction of the class mean.")
 @click.option("--max-gap", help="Flag classes further than this below the best class.")
@@ -77,8 +90,14 @@ def _verbosity(verbose: int, quiet: int) -> int:
               help="Flag a class only when its whole 95% Wilson interval fails.")
 @click.option("--gate-on", help="The figure the gate judges: worst or an attack's name.  "
               "[default: worst]")
+@click.option("--baseline", help="A saved JSON report: flag classes whose robust accuracy "
+              "dropped more than --max-drop below it.")
+@click.option("--max-drop", help="Largest allowed drop per class against --baseline, e.g. 0.03.")
 @click.option("--json", "json_path", help="Write the JSON report here.")
+@click.option("--json-images/--no-json-images", default=None,
+              help="Keep the gallery's adversarial images in the JSON report.")
 @click.option("--junit", help="Write a JUnit XML report here.")
+@click.option("--html", help="Write the HTML report here (one self-contained file).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="Config file.  [default: ./robaudit.toml or [tool.robaudit] in "
               "./pyproject.toml]")
@@ -90,13 +109,13 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, json_p
     from robaudit.audit import scan as run_scan
     from robaudit.config import resolve_config
     from robaudit.reports import check_writable
-    from robaudit.reports.json import exit_code, to_dict, write_json
+    from robaudit.reports.json import exit_code, to_dict, without_images, write_json
     from robaudit.reports.junit import write_junit
     from robaudit.reports.terminal import TerminalReporter
 
     options["json"] = json_path
     config = resolve_config({"model": str(model), **options}, config_file=config_file)
-    for path in (config.json, config.junit):
+    for path in (config.json, config.junit, config.html):
         if path is not None:
             check_writable(path)
     reporter = TerminalReporter(_verbosity(verbose, quiet))
@@ -104,22 +123,41 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, json_p
         result = run_scan(config, progress=progress)
     doc = to_dict(result)
     if config.json:
-        write_json(config.json, doc)
+        write_json(config.json, doc if config.json_images else without_images(doc))
     if config.junit:
         write_junit(config.junit, doc)
+    if config.html:
+        from robaudit.reports.html import write_html
+
+        write_html(config.html, doc)
     reporter.render(doc)
-    for label, path in (("JSON", config.json), ("JUnit XML", config.junit)):
+    if result.baseline is not None and config.max_drop is not None:
+        from robaudit.compare import compare as compare_reports
+
+        comparison = compare_reports(result.baseline, doc, max_drop=config.max_drop,
+                                     report_path="this scan")
+        reporter.render_compare(comparison.to_dict(), reasons=False)
+    for label, path in (("JSON", config.json), ("JUnit XML", config.junit),
+                        ("HTML", config.html)):
         if path:
             reporter.info(f"{label} report: {path}")
+    if config.strict and result.sanity:
+        from robaudit.errors import UsageError
+
+        checks = ", ".join(item["check"] for item in result.sanity)
+        raise UsageError(f"--strict: the sanity checks found signs of gradient masking ({checks}); "
+                         "the robust accuracies above may be overestimated")
     return exit_code(result)
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("report", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--junit", help="Write a JUnit XML report here.")
+@click.option("--html", help="Write the HTML report here.")
 @click.option("-q", "--quiet", count=True, help="Only the verdict line and warnings.")
-def report(report: Path, junit: str | None, quiet: int) -> int:
-    """Render a saved JSON REPORT again: the terminal table, and JUnit XML with --junit."""
+def report(report: Path, junit: str | None, html: str | None, quiet: int) -> int:
+    """Render a saved JSON REPORT again: the terminal table, JUnit XML with --junit, HTML
+    with --html."""
     from robaudit.reports.json import read_json
     from robaudit.reports.junit import write_junit
     from robaudit.reports.terminal import TerminalReporter
@@ -127,8 +165,41 @@ def report(report: Path, junit: str | None, quiet: int) -> int:
     doc = read_json(report)
     if junit:
         write_junit(junit, doc)
+    if html:
+        from robaudit.reports.html import write_html
+
+        write_html(html, doc)
     TerminalReporter(_verbosity(0, quiet)).render(doc)
     return int(doc["verdict"]["exit_code"])
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("baseline", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("report", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--max-drop", required=True, help="Largest allowed drop of a class's robust "
+              "accuracy, e.g. 0.03 (3 percentage points).")
+@click.option("--gate-on", help="The figure compared: worst or an attack's name.  "
+              "[default: the report's gate]")
+@click.option("--significance/--no-significance", default=None,
+              help="Flag a drop only when even the 95% Wilson upper bound dropped too far.  "
+              "[default: the report's setting]")
+@click.option("-q", "--quiet", count=True, help="Only the verdict line and warnings.")
+def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
+            significance: bool | None, quiet: int) -> int:
+    """Compare REPORT with a BASELINE report, class by class; exit 1 when a class dropped more
+    than --max-drop. Both must be made with the same eps, attacks and classes (else exit 4)."""
+    from robaudit.compare import compare as compare_reports
+    from robaudit.compare import read_figures
+    from robaudit.config import parse_fraction
+    from robaudit.reports.json import read_json
+    from robaudit.reports.terminal import TerminalReporter
+
+    comparison = compare_reports(
+        read_figures(baseline), read_json(report), max_drop=parse_fraction(max_drop, "max_drop"),
+        report_path=str(report), figure=gate_on, significance=significance,
+    )
+    TerminalReporter(_verbosity(0, quiet)).render_compare(comparison.to_dict())
+    return ExitCode.FLAGGED if comparison.flagged else ExitCode.OK
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -139,7 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code; the one place exceptions become exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
     # SIGTERM (CI cancelling a job) ends a scan the way Ctrl-C does: partial reports, exit 2.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Only the main thread may set signal handlers; called from another thread, main() runs
+    # without one rather than crash.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
     try:
         code = cli.main(args=args, prog_name="robaudit", standalone_mode=False)
         return int(code) if isinstance(code, int) else ExitCode.OK
@@ -166,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             click.echo(f"  {type(exc).__name__}: {exc}", err=True)
         return ExitCode.INTERNAL_ERROR
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:  # None: the old handler was not set from Python
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def entry_point() -> None:

@@ -24,6 +24,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+#: A batch this large is a typo: the attack engine allocates per-slot state up front.
+MAX_BATCH_SIZE = 1 << 20
 DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -50,7 +52,14 @@ class ScanConfig:
     runtime_check: bool = True
     # Attacks
     attacks: tuple[str, ...] = ("pgd", "tpgd")
+    #: The ε the gate judges. With a sweep, every ε in ``eps_sweep`` is attacked too.
     eps: float = 8 / 255
+    eps_sweep: tuple[float, ...] = ()
+    #: ``each``: every attack on every clean-correct example (per-attack figures);
+    #: ``worst-case``: each later attack only on examples the earlier ones did not break.
+    mode: str = "each"
+    #: Step size: ``fixed`` (2.5·eps/steps) or ``halving`` (from 2·eps, halved on stalls, APGD).
+    schedule: str = "fixed"
     steps: int = 20
     step_size: float | None = None
     restarts: int = 1
@@ -58,15 +67,26 @@ class ScanConfig:
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
+    #: bf16 autocast on CUDA (the gradient's sign is taken in fp32); ignored on the CPU.
+    amp: bool = False
+    #: Treat the signs of gradient masking (sanity checks) as errors: exit 4.
+    strict: bool = False
     # Gate
     min_class_robust: float | None = None
     min_ratio: float | None = None
     max_gap: float | None = None
     significance: bool = False
     gate_on: str = "worst"
+    #: A saved JSON report to judge each class's drop against (with ``max_drop``).
+    baseline: str | None = None
+    #: Largest allowed drop of a class's robust accuracy below the baseline's.
+    max_drop: float | None = None
     # Reports
     json: str | None = None
+    #: Keep the gallery's images in the JSON report too (they are always in the HTML).
+    json_images: bool = False
     junit: str | None = None
+    html: str | None = None
     #: Where the settings came from, for the report (not a setting itself).
     sources: tuple[str, ...] = field(default=(), compare=False)
 
@@ -89,6 +109,8 @@ def parse_fraction(text: str | float | int, what: str = "eps") -> float:
         raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}")
     if isinstance(text, (int, float)):
         return float(text)
+    if not isinstance(text, str):  # a TOML table or date, say
+        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}")
     try:
         return float(Fraction(text.strip()))
     except (ValueError, ZeroDivisionError):
@@ -155,9 +177,20 @@ def validate(config: ScanConfig) -> None:
 
     check(0 < config.eps <= 1, f"eps must be in (0, 1] in pixel units, got {config.eps:g}; "
           "for 8-bit images write e.g. 8/255")
+    check(all(0 < e <= 1 for e in config.eps_sweep),
+          f"every eps must be in (0, 1], got {', '.join(format_eps(e) for e in config.eps_sweep)}")
+    check(not config.eps_sweep or any(abs(e - config.eps) < 1e-12 for e in config.eps_sweep),
+          f"the gate's eps {format_eps(config.eps)} is not one of the eps swept")
+    check(config.mode in ("each", "worst-case"),
+          f"mode must be 'each' or 'worst-case', got {config.mode!r}")
+    check(config.schedule in ("fixed", "halving"),
+          f"schedule must be 'fixed' or 'halving', got {config.schedule!r}")
     check(config.steps >= 1, f"steps must be at least 1, got {config.steps}")
     check(config.restarts >= 1, f"restarts must be at least 1, got {config.restarts}")
-    check(config.batch_size >= 1, f"batch_size must be at least 1, got {config.batch_size}")
+    check(1 <= config.batch_size <= MAX_BATCH_SIZE,
+          f"batch_size must be between 1 and {MAX_BATCH_SIZE:,}, got {config.batch_size}")
+    # Negative seeds are refused by numpy's generator, which samples the data.
+    check(0 <= config.seed < 2**32, f"seed must be between 0 and 2**32-1, got {config.seed}")
     check(config.step_size is None or config.step_size > 0,
           f"step_size must be positive, got {config.step_size}")
     check(bool(config.temperatures) and all(t > 0 for t in config.temperatures),
@@ -172,6 +205,12 @@ def validate(config: ScanConfig) -> None:
     for name in ("min_class_robust", "max_gap"):
         value = getattr(config, name)
         check(value is None or 0 <= value <= 1, f"{name} must be between 0 and 1, got {value}")
+    check(config.max_drop is None or 0 <= config.max_drop <= 1,
+          f"max_drop must be between 0 and 1, got {config.max_drop}")
+    # No default drop: how much noise to allow depends on the class sizes; the user says.
+    check(config.baseline is None or config.max_drop is not None,
+          "a baseline report needs max_drop (--max-drop): the largest drop in a class's "
+          "robust accuracy to allow, e.g. 0.03")
     check(config.min_ratio is None or 0 < config.min_ratio <= 1,
           f"min_ratio must be in (0, 1], got {config.min_ratio}")
     check(bool(DEVICES.match(config.device)),
@@ -225,6 +264,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     settings = {}
     for key, value in doc.items():
         name = key.replace("-", "_")
+        if name in ("eps", "gate_eps"):  # may be a sweep: resolved with the command line
+            settings[name] = value
+            continue
         if name not in FILE_KEYS:
             close = difflib.get_close_matches(name, FILE_KEYS, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -234,11 +276,38 @@ def read_config_file(path: Path) -> dict[str, Any]:
         except ConfigError as e:
             raise ConfigError(f"{e} in config file {path}") from None
     # Input paths in a config file are relative to the file, as a user sharing one expects.
-    for name in ("data", "data_root", "class_names"):
+    for name in ("data", "data_root", "class_names", "baseline"):
         value = settings.get(name)
         if value is not None and (path.parent / value).exists() and not Path(value).is_absolute():
             settings[name] = str(path.parent / value)
     return settings
+
+
+def _split_eps(values: dict[str, Any]) -> dict[str, Any]:
+    """``eps = "2/255,8/255"`` (or a list) is a sweep: the gate judges ``gate_eps`` or the largest."""
+    values = dict(values)
+    gate_eps = values.pop("gate_eps", None)
+    if "eps" not in values:
+        if gate_eps is not None:
+            values["eps"] = parse_fraction(gate_eps, "gate_eps")
+        return values
+    raw = values["eps"]
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        all_eps = [float(raw)]
+    elif isinstance(raw, tuple):  # already coerced (from a config file)
+        return values
+    else:
+        all_eps = [parse_fraction(v, "eps") for v in _split_list(raw)]
+        if not all_eps:
+            raise ConfigError("eps is empty; give a number like 0.03 or 8/255")
+    chosen = parse_fraction(gate_eps, "gate_eps") if gate_eps is not None else max(all_eps)
+    values["eps"] = chosen
+    if len(all_eps) > 1:
+        values["eps_sweep"] = tuple(sorted(set(all_eps)))
+        if not any(abs(e - chosen) < 1e-12 for e in all_eps):
+            raise ConfigError(f"--gate-eps {format_eps(chosen)} is not one of the eps given "
+                              f"({', '.join(format_eps(e) for e in sorted(all_eps))})")
+    return values
 
 
 def resolve_config(
@@ -253,7 +322,14 @@ def resolve_config(
             raise ConfigError(f"config file {path} does not exist")
         values.update(read_config_file(path))
         sources.append(str(path))
-    given = {k: _coerce(k, v) for k, v in cli.items() if v is not None and k != "model"}
+        try:
+            values = _split_eps(values)
+        except ConfigError as e:  # eps is checked here, not in read_config_file: say where
+            raise ConfigError(f"{e} in config file {path}") from None
+    given = _split_eps({k: v for k, v in cli.items() if v is not None and k != "model"})
+    given = {k: v if k in ("eps", "eps_sweep") else _coerce(k, v) for k, v in given.items()}
+    if cli.get("eps") is not None:  # the command line's eps (or sweep) replaces the file's
+        values.pop("eps_sweep", None)
     if given:
         sources.append("command line")
     values.update(given)

@@ -62,3 +62,127 @@ def test_class_disparity_of_the_example_is_visible(digits_pgd_result):
     stats = {s.name: s.robust[WORST].acc for s in digits_pgd_result.stats}
     assert stats["8"] < 0.25 and stats["0"] > 0.9
     assert digits_pgd_result.summary.worst_class == "8"
+
+
+def digits_config(**kwargs):
+    from conftest import DIGITS
+
+    base = {"model": str(DIGITS / "model.pt2"), "data": str(DIGITS / "test.npz"), "eps": 0.2,
+            "steps": 10, "per_class": 12}
+    return ScanConfig(**{**base, **kwargs})
+
+
+def test_an_eps_sweep_gives_falling_curves_and_gates_on_the_chosen_eps():
+    result = scan(digits_config(eps=0.1, eps_sweep=(0.05, 0.1, 0.2), min_class_robust=0.4))
+    assert [e["eps"] for e in result.sweep] == [0.05, 0.1, 0.2]
+    worst = [e["robust_acc"][WORST] for e in result.sweep]
+    assert worst[0] >= worst[1] >= worst[2]
+    assert result.summary.robust_acc[WORST] == worst[1]  # the gate's eps
+    assert not result.sanity
+
+
+def test_worst_case_mode_gives_the_same_worst_case_as_each_mode():
+    each = scan(digits_config(attacks=("pgd", "cw")))
+    worst = scan(digits_config(attacks=("pgd", "cw"), mode="worst-case"))
+    assert each.summary.robust_acc[WORST] == worst.summary.robust_acc[WORST]
+    assert each.summary.robust_acc["pgd"] == worst.summary.robust_acc["pgd"]
+    # Cumulative: cw in worst-case mode is "after pgd and cw".
+    assert worst.summary.robust_acc["cw"] == worst.summary.robust_acc[WORST]
+    assert sum(worst.summary.mean_forwards.values()) < sum(each.summary.mean_forwards.values())
+
+
+def test_the_gallery_shows_reproduced_adversarial_examples_of_flagged_classes():
+    result = scan(digits_config(min_class_robust=0.4))
+    flagged = {v.name for v in result.flagged}
+    assert flagged and set(result.gallery) <= flagged
+    for name, items in result.gallery.items():
+        assert 1 <= len(items) <= 8
+        for item in items:
+            assert item["true"] == name and item["pred"] != name
+            assert item["adversarial"].startswith("data:image/png;base64,")
+            assert 0 < item["confidence"] <= 1
+
+
+class Quantised(torch.nn.Module):
+    """Rounds its input to 8 bits first: the input gradient is zero everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.linear((torch.round(x * 255) / 255).flatten(1))
+
+
+class Noisy(torch.nn.Module):
+    """Adds fresh noise on every call: a randomised model."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) + torch.randn(x.shape[0], 10)
+
+
+class Softmaxed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return torch.softmax(self.linear(x.flatten(1)), dim=1)
+
+
+def exported(tmp_path, module) -> str:
+    torch.manual_seed(0)
+    model = module().eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (torch.rand(2, 1, 8, 8),), dynamic_shapes=({0: batch},))
+    path = tmp_path / f"{module.__name__}.pt2"
+    torch.export.save(program, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("module", "check"),
+    [(Quantised, "bad_gradients"), (Noisy, "randomised_model"),
+     (Softmaxed, "probability_outputs")],
+)
+def test_sanity_checks_find_the_signs_of_gradient_masking(tmp_path, module, check):
+    from conftest import DIGITS
+
+    config = ScanConfig(model=exported(tmp_path, module), data=str(DIGITS / "test.npz"),
+                        eps=0.2, steps=3, per_class=3)
+    result = scan(config)
+    assert check in [item["check"] for item in result.sanity]
+    assert any(check != "bad_gradients" or "gradient masking" in w for w in result.warnings)
+
+
+def test_strict_turns_sanity_findings_into_exit_4(tmp_path, capsys):
+    from conftest import DIGITS
+
+    from robaudit.cli import main
+
+    args = ["scan", exported(tmp_path, Quantised), "--data", str(DIGITS / "test.npz"),
+            "--eps", "0.2", "--steps", "3", "--per-class", "3", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0  # nothing gated: only warnings
+    assert main([*args, "--strict"]) == 4
+    err = capsys.readouterr().err
+    assert "--strict: the sanity checks found signs of gradient masking (bad_gradients" in err
+    assert (tmp_path / "r.json").exists()  # the reports are still written
+
+
+def test_fgsm_stronger_than_pgd_and_curves_rising_with_eps_are_flagged():
+    import dataclasses
+
+    from robaudit.audit import _sanity_checks
+
+    result = scan(digits_config(attacks=("fgsm", "pgd"), steps=2))
+    summary = dataclasses.replace(result.summary,
+                                  robust_acc={"fgsm": 0.30, "pgd": 0.50, WORST: 0.30})
+    sweep = [{"eps_text": "0.1", "robust_acc": {WORST: 0.4}},
+             {"eps_text": "0.2", "robust_acc": {WORST: 0.6}}]
+    checks = [item["check"] for item in _sanity_checks(summary, sweep, result.config)]
+    assert checks == ["fgsm_stronger_than_pgd", "rises_with_eps"]
+    assert _sanity_checks(result.summary, [], result.config) == []

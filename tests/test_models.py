@@ -162,7 +162,7 @@ def test_exported_program_with_normalisation(tmp_path: Path) -> None:
 
 def test_exported_program_rejects_other_image_sizes(tmp_path: Path) -> None:
     loaded = load_model(export(tiny_net(), tmp_path / "model.pt2", dynamic_batch=True))
-    with pytest.raises(DataError, match=r"inputs shaped \('N', 3, 8, 8\)"):
+    with pytest.raises(DataError, match=r"inputs shaped \(N, 3, 8, 8\)"):
         loaded.module(torch.rand(2, 3, 16, 16))
 
 

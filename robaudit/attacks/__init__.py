@@ -23,6 +23,7 @@ class AttackSettings:
     step_size: float | None = None
     restarts: int = 1
     temperatures: tuple[float, ...] = (0.5,)
+    schedule: str = "fixed"
 
 
 def _fgsm(s: AttackSettings) -> PGD:
@@ -31,21 +32,19 @@ def _fgsm(s: AttackSettings) -> PGD:
 
 
 def _pgd(s: AttackSettings) -> PGD:
-    return PGD(s.eps, steps=s.steps, step_size=s.step_size, restarts=s.restarts, name="pgd")
+    return PGD(s.eps, steps=s.steps, step_size=s.step_size, restarts=s.restarts,
+               schedule=s.schedule, name="pgd")
 
 
 def _tpgd(s: AttackSettings) -> PGD:
     losses = [temperature_cross_entropy(t) for t in s.temperatures]
-    return PGD(
-        s.eps, steps=s.steps, step_size=s.step_size, restarts=s.restarts, losses=losses, name="tpgd"
-    )
+    return PGD(s.eps, steps=s.steps, step_size=s.step_size, restarts=s.restarts, losses=losses,
+               schedule=s.schedule, name="tpgd")
 
 
 def _cw(s: AttackSettings) -> PGD:
-    return PGD(
-        s.eps, steps=s.steps, step_size=s.step_size, restarts=s.restarts, losses=[cw_margin],
-        name="cw",
-    )
+    return PGD(s.eps, steps=s.steps, step_size=s.step_size, restarts=s.restarts,
+               losses=[cw_margin], schedule=s.schedule, name="cw")
 
 
 #: Attack name -> (factory, one-line description).

@@ -44,15 +44,11 @@ class AttackOutcome:
         return cls(x.clone(), zeros.bool(), logits.clone(), zeros, zeros.bool())
 
 
-def uniform_start(x: torch.Tensor, eps: float, seeds: torch.Tensor, stream: int) -> torch.Tensor:
-    """A random start uniform in the ε-ball, drawn from one generator per example.
+def uniform_noise(x: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
+    """Noise uniform in [-1, 1] shaped like one example, from that example's own generator.
 
-    Seeding per example (from its data set index) makes a result independent of batch size,
-    batch order and sharding across processes.
+    Seeding per example (from its data set index) and per run makes a result independent of
+    batch size, batch order and sharding across processes.
     """
-    noise = torch.empty_like(x, device="cpu")
-    generator = torch.Generator()
-    for i, seed in enumerate(seeds.tolist()):
-        generator.manual_seed((int(seed) * 1_000_003 + stream) % (2**63 - 1))
-        noise[i].uniform_(-eps, eps, generator=generator)
-    return (x + noise.to(x.device)).clamp_(0.0, 1.0)
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + stream) % (2**63 - 1))
+    return torch.empty(x.shape).uniform_(-1.0, 1.0, generator=generator)

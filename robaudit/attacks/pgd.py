@@ -2,25 +2,32 @@
 
 PGD: Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018.
 Temperature-PGD: Tian et al., "Analysis and Applications of Class-wise Robustness in Adversarial
-Training", KDD 2021. Threat model: ``||x_adv - x||_∞ <= eps`` in pixel space ``[0, 1]``.
+Training", KDD 2021. Step-size halving: the checkpoint rule of APGD (Croce and Hein, "Reliable
+evaluation of adversarial robustness with an ensemble of diverse parameter-free attacks", ICML
+2020), without its momentum. Threat model: ``||x_adv - x||_∞ <= eps`` in pixel space ``[0, 1]``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 
-from robaudit.attacks.base import AttackOutcome, Loss, Model, uniform_start
-from robaudit.attacks.losses import cross_entropy, margin
+from robaudit.attacks.base import AttackOutcome, Loss, Model
+from robaudit.attacks.losses import cross_entropy
+
+SCHEDULES = ("fixed", "halving")
 
 
 class PGD:
     """L∞ PGD: ``x <- clip_[0,1](Π_eps(x + step_size * sign(∇x L(f(x), y))))``.
 
-    Each example stops costing compute at the first iterate that is misclassified; restarts and
-    further losses run only on the examples still robust. With several losses (the temperatures of
-    Temperature-PGD) the worst case over them counts.
+    Each example stops costing compute at the first iterate that is misclassified. ``restarts``
+    random starts run for each loss in ``losses`` (the temperatures of Temperature-PGD), each only
+    on examples still robust; the worst case over all of them counts. With ``schedule="halving"``
+    the step size starts at 2·eps and halves when the loss stalls, as in APGD.
     """
 
     def __init__(
@@ -32,90 +39,61 @@ class PGD:
         restarts: int = 1,
         losses: Sequence[Loss] = (cross_entropy,),
         random_start: bool = True,
+        schedule: str = "fixed",
         name: str = "pgd",
     ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.eps = eps
         self.steps = steps
-        self.step_size = 2.5 * eps / steps if step_size is None else step_size
+        self.schedule = schedule
+        if step_size is not None:
+            self.initial_step_size = step_size
+        elif schedule == "halving":
+            self.initial_step_size = 2.0 * eps
+        else:
+            self.initial_step_size = 2.5 * eps / steps
         self.restarts = restarts
         self.losses = tuple(losses)
         self.random_start = random_start
         self.name = name
 
-    def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor) -> AttackOutcome:
+    @property
+    def step_size(self) -> float:
+        return self.initial_step_size
+
+    @property
+    def runs(self) -> int:
+        """Random starts in all: ``restarts`` for each loss."""
+        return len(self.losses) * self.restarts
+
+    def loss_of_run(self, run: int) -> Loss:
+        return self.losses[run // self.restarts]
+
+    @cached_property
+    def _checkpoints(self) -> dict[int, int]:
+        """APGD's checkpoints: step -> steps since the previous checkpoint."""
+        fractions = [0.0, 0.22]
+        while fractions[-1] < 1.0:
+            fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
+        # Rounded first: 0.57 * 100 is 57.000000000000007 in floating point.
+        steps = sorted({math.ceil(round(p * self.steps, 9)) for p in fractions if p <= 1.0})
+        return {b: b - a for a, b in zip(steps, steps[1:]) if b > 0}
+
+    def checkpoint_interval(self, step: int) -> int | None:
+        """At a checkpoint (``step`` steps taken), the steps since the previous one."""
+        return self._checkpoints.get(step)
+
+    def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor,
+                 seeds: torch.Tensor) -> AttackOutcome:
         """Attack ``x`` (labels ``y``); ``seeds`` (one per example) seed the random starts."""
-        best: AttackOutcome | None = None
-        runs = [(loss, restart) for loss in self.losses for restart in range(self.restarts)]
-        for stream, (loss, _) in enumerate(runs):
-            todo = (
-                torch.arange(x.shape[0], device=x.device)
-                if best is None
-                else (~best.broken).nonzero().squeeze(1)
-            )
-            if todo.numel() == 0:
-                break
-            run = self._run(model, x[todo], y[todo], seeds[todo], loss, stream)
-            if best is None:
-                best = run
-                continue
-            best.forwards[todo] += run.forwards
-            best.bad_gradient[todo] |= run.bad_gradient
-            # A broken example keeps the iterate that broke it; a robust one keeps its
-            # most adversarial (lowest-margin) iterate over all runs.
-            better = run.broken | (margin(run.logits, y[todo]) < margin(best.logits[todo], y[todo]))
-            take = todo[better]
-            best.x_adv[take] = run.x_adv[better]
-            best.logits[take] = run.logits[better]
-            best.broken[take] = run.broken[better]
-        if best is None:  # an empty batch
+        from robaudit.attacks.engine import Job, outcome_of, run_jobs
+
+        seed_list, labels = seeds.tolist(), y.tolist()
+        jobs = [Job(i, x[i], labels[i], seed_list[i], self) for i in range(len(x))]
+        results = run_jobs(model, jobs, max(1, len(x)))
+        if not results:
             return AttackOutcome.unbroken(x, x.new_zeros((0, 0)))
-        return best
-
-    def _run(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        seeds: torch.Tensor,
-        loss_fn: Loss,
-        stream: int,
-    ) -> AttackOutcome:
-        n = x.shape[0]
-        lower, upper = (x - self.eps).clamp(min=0.0), (x + self.eps).clamp(max=1.0)
-        current = uniform_start(x, self.eps, seeds, stream) if self.random_start else x.clone()
-        x_adv = current.clone()
-        logits_out: torch.Tensor | None = None
-        broken = torch.zeros(n, dtype=torch.bool, device=x.device)
-        forwards = torch.zeros(n, dtype=torch.long, device=x.device)
-        bad_gradient = torch.zeros(n, dtype=torch.bool, device=x.device)
-        active = torch.arange(n, device=x.device)
-
-        for step in range(self.steps + 1):
-            wants_grad = step < self.steps
-            xa = current.detach().requires_grad_(wants_grad)
-            with torch.set_grad_enabled(wants_grad):
-                logits = model(xa)
-            if logits_out is None:
-                logits_out = logits.new_empty((n, logits.shape[1]))
-            forwards[active] += 1
-            x_adv[active] = xa.detach()
-            logits_out[active] = logits.detach()
-            wrong = logits.argmax(dim=1) != y[active]
-            broken[active[wrong]] = True
-            still = ~wrong
-            if not wants_grad or not bool(still.any()):
-                break
-            (grad,) = torch.autograd.grad(loss_fn(logits, y[active])[still].sum(), xa)
-            grad = grad[still]
-            # Zero or non-finite input gradients are the classic sign of gradient masking:
-            # keep count, and never let NaN reach the iterate.
-            flat = grad.flatten(1)
-            healthy = torch.isfinite(flat).all(dim=1) & (flat.abs().amax(dim=1) > 0)
-            active = active[still]
-            bad_gradient[active[~healthy]] = True
-            direction = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).sign()
-            moved = xa.detach()[still] + self.step_size * direction
-            current = torch.maximum(torch.minimum(moved, upper[active]), lower[active])
-
-        assert logits_out is not None  # steps >= 0 means at least one forward pass
-        return AttackOutcome(x_adv, broken, logits_out, forwards, bad_gradient)
+        k = next(iter(results.values())).logits.shape[0]
+        outcome = outcome_of(x, x.new_zeros((len(x), k)), results, list(range(len(x))))
+        return outcome

@@ -74,6 +74,11 @@ def load_folder(path: Path, image_size: int | None) -> tuple[ImageFolder, np.nda
             f"{path} has no class folders ({one_line(exc)}); lay images out as "
             f"{path}/<class name>/<image file>"
         ) from exc
+    except OSError as exc:  # e.g. a folder without read permission
+        raise DataError(
+            f"cannot list image folder {path}: {exc.strerror or one_line(exc)}; check its "
+            "permissions"
+        ) from exc
     if not dataset.samples:
         raise DataError(
             f"{path} contains no examples: its class folders {dataset.classes[:5]} hold no images "

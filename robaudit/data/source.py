@@ -11,6 +11,9 @@ import torch
 
 from robaudit.errors import DataError
 
+#: More classes than any real classifier has (ImageNet-21k has 21,841); beyond it a label is a bug.
+MAX_CLASSES = 100_000
+
 
 @dataclass
 class DataSource:
@@ -93,6 +96,13 @@ def resolve_class_names(
         names = file_names
     max_label = int(targets.max()) if len(targets) else -1
     if names is None:
+        if max_label >= MAX_CLASSES:
+            # One stray label like 2**40 would otherwise make that many class names (and a
+            # confusion matrix of its square) and hang the scan instead of failing it.
+            raise DataError(
+                f"labels of {what} go up to {max_label}, more than the {MAX_CLASSES:,} classes "
+                "robaudit audits; number the classes 0..K-1, one label per class"
+            )
         return [str(k) for k in range(max_label + 1)]
     if max_label >= len(names):
         source = f"class names file {class_names_file}" if class_names_file else what

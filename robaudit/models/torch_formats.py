@@ -177,9 +177,11 @@ class ExportedModule(nn.Module):
             want is None or got == want for got, want in zip(x.shape[1:], expected[1:], strict=True)
         )
         if not fits:
-            shown = tuple("N" if s is None else s for s in (None, *expected[1:]))
+            sizes = ["N", *("any" if s is None else str(s) for s in expected[1:])]
+            got = ", ".join(str(s) for s in x.shape)
             raise DataError(
-                f"the exported model takes inputs shaped {shown} but got {tuple(x.shape)}; "
+                f"the exported model takes inputs shaped ({', '.join(sizes)}) but got a batch "
+                f"shaped ({got}); "
                 "resize the data to match or re-export the model with dynamic shapes"
             )
 

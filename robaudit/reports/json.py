@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from robaudit.attacks import ATTACKS
+from robaudit.attacks import ATTACKS, AttackSettings, build_attack
 from robaudit.audit import ScanResult
 from robaudit.config import format_eps
 from robaudit.errors import ExitCode, UsageError
@@ -45,18 +45,30 @@ def _verdict(verdict: Verdict) -> dict[str, Any]:
     }
 
 
+def without_images(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document with the gallery's pictures left out (the JSON file keeps them only with
+    ``--json-images``; the HTML report always shows them)."""
+    return {**doc, "gallery": _gallery(doc.get("gallery") or {}, images=False)}
+
+
 def to_dict(result: ScanResult) -> dict[str, Any]:
     """The report document. Everything the other reports show comes from here."""
     config = result.config
     policy = GatePolicy(
         min_class_robust=config.min_class_robust, min_ratio=config.min_ratio,
-        max_gap=config.max_gap, significance=config.significance, on=config.gate_on,
+        max_gap=config.max_gap, max_drop=config.max_drop, significance=config.significance,
+        on=config.gate_on,
     )
+    baseline = result.baseline
     # Per-attack verdicts under the same policy: JUnit has a suite per attack.
     by_figure = {
-        name: judge(result.stats, replace(policy, on=name)) for name in [*config.attacks, WORST]
+        name: judge(result.stats, replace(policy, on=name),
+                    baseline.robust.get(name) if baseline else None)
+        for name in [*config.attacks, WORST]
     }
-    step_size = config.step_size if config.step_size is not None else 2.5 * config.eps / config.steps
+    settings = AttackSettings(eps=config.eps, steps=config.steps, step_size=config.step_size,
+                              restarts=config.restarts, temperatures=config.temperatures,
+                              schedule=config.schedule)
     summary = result.summary
     classes = []
     for s in result.stats:
@@ -88,8 +100,12 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
                 "min_class_robust": policy.min_class_robust,
                 "min_ratio": policy.min_ratio,
                 "max_gap": policy.max_gap,
+                "max_drop": policy.max_drop,
                 "significance": policy.significance,
             },
+        },
+        "baseline": None if baseline is None else {
+            "path": baseline.path, "created": baseline.created, "robust": baseline.robust,
         },
         "config": {**config.to_dict(), "eps_text": format_eps(config.eps),
                    "sources": list(config.sources)},
@@ -102,8 +118,9 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
                 "description": ATTACKS[name][1],
                 "eps": config.eps,
                 "steps": 1 if name == "fgsm" else config.steps,
-                "step_size": config.eps if name == "fgsm" else step_size,
+                "step_size": build_attack(name, settings).initial_step_size,
                 "restarts": 1 if name == "fgsm" else config.restarts,
+                "schedule": "fixed" if name == "fgsm" else config.schedule,
                 **({"temperatures": list(config.temperatures)} if name == "tpgd" else {}),
             }
             for name in config.attacks
@@ -135,8 +152,19 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
         "confusion": result.confusion,
         "timings": result.timings,
         "warnings": result.warnings,
+        "sanity": result.sanity,
+        "sweep": result.sweep,
+        "gallery": result.gallery,
     }
     return _clean(doc)
+
+
+def _gallery(gallery: dict[str, list[dict[str, Any]]], images: bool) -> dict[str, Any]:
+    if images:
+        return gallery
+    pictures = ("clean", "adversarial", "perturbation")
+    return {name: [{k: v for k, v in item.items() if k not in pictures} for item in items]
+            for name, items in gallery.items()}
 
 
 def _clean(value: Any) -> Any:
@@ -166,7 +194,9 @@ def read_json(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise UsageError(f"cannot read report {path}: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} is not a JSON file ({e}); pass a report written by --json") from None
+        raise UsageError(
+            f"{path} is not a JSON file ({e}); pass a report written by --json"
+        ) from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise UsageError(f"{path} is not a robaudit scan report; pass a file written by --json")
     if doc.get("schema_version") != SCHEMA_VERSION:
@@ -174,4 +204,31 @@ def read_json(path: str | Path) -> dict[str, Any]:
             f"{path} has report schema version {doc.get('schema_version')}, this robaudit reads "
             f"version {SCHEMA_VERSION}; re-run the scan with this version"
         )
+    _check_complete(doc, path)
     return doc
+
+
+# What the renderers read: a report cut short or edited by hand must fail here with a message,
+# not with a KeyError (an "internal error") halfway through rendering it.
+_REPORT_KEYS = {
+    "partial": bool, "verdict": dict, "config": dict, "model": dict, "data": dict,
+    "environment": dict, "attacks": list, "class_names": list, "classes": list, "summary": dict,
+    "timings": dict, "warnings": list,
+}
+_CLASS_KEYS = ("index", "name", "n", "clean", "robust", "verdict", "verdict_by_figure")
+
+
+def _check_complete(doc: dict[str, Any], path: Path) -> None:
+    def incomplete(what: str) -> UsageError:
+        return UsageError(
+            f"{path} is an incomplete robaudit report ({what}); pass the file --json wrote, "
+            "unedited, or re-run the scan"
+        )
+
+    for key, kind in _REPORT_KEYS.items():
+        if not isinstance(doc.get(key), kind):
+            raise incomplete(f"'{key}' is missing or not a {kind.__name__}")
+    for number, entry in enumerate(doc["classes"]):
+        missing = [k for k in _CLASS_KEYS if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise incomplete(f"class entry {number} has no '{missing[0]}'")

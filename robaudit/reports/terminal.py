@@ -115,7 +115,8 @@ class TerminalReporter:
             worst = c["robust"][WORST]
             ci = "" if worst["acc"] is None else f" ({worst['ci95'][0]:.0%}-{worst['ci95'][1]:.0%})"
             flagged = not c["verdict"]["passed"]
-            cells = [c["name"], str(c["n"]), _pct(c["clean"]["acc"])]
+            # Text, not str: a class name like "[/]" is data, never rich markup.
+            cells: list[str | Text] = [Text(c["name"]), str(c["n"]), _pct(c["clean"]["acc"])]
             cells += [_pct(c["robust"][name]["acc"]) for name in figures]
             cells.append(_pct(worst["acc"]) + ci)
             if runtime:
@@ -137,11 +138,11 @@ class TerminalReporter:
             f"clean accuracy {_pct(s['clean_acc'])}; robust accuracy (worst case) "
             f"{_pct(s['robust_acc'][WORST])}, class mean {_pct(s['mean_class_robust'][WORST])}"
         )
-        self.console.print(
+        self.console.print(Text(
             f"worst class {s['worst_class']['name']} {_pct(s['worst_class']['robust_acc'])}, "
             f"best {s['best_class']['name']} {_pct(s['best_class']['robust_acc'])}, "
             f"gap {s['gap'] * 100:.1f} pp, std {s['std'] * 100:.1f} pp"
-        )
+        ))
         for pair, rho in s["rank_correlation"].items():
             shown = "undefined" if rho is None else f"{rho:.2f}"
             self.console.print(f"class ranking agreement {pair.replace('~', ' vs ')}: "
@@ -172,3 +173,55 @@ class TerminalReporter:
                     f"{doc['data']['selected']} examples; {line}")
         style = "bold red" if flagged or doc["partial"] else "bold green"
         self.console.rule(Text(line, style=style), characters="=")
+
+    def render_compare(self, doc: dict[str, Any], *, reasons: bool = True) -> None:
+        """Per-class deltas against a baseline (``compare.Comparison.to_dict()``).
+
+        ``reasons=False`` after a scan's own report, which has already named the dropped classes.
+        """
+        figure = "worst case" if doc["figure"] == WORST else doc["figure"]
+        allowed = f"{doc['max_drop'] * 100:.1f} pp"
+        if self.verbosity >= 0:
+            self.console.rule(Text("robaudit compare", style="bold"), characters="=")
+            for label, value in (
+                ("baseline", doc["baseline"]),
+                ("report", doc["report"]),
+                ("figure", f"robust accuracy ({figure}), eps {doc['eps_text']}; "
+                           f"allowed drop {allowed}"
+                           + (" (95% CI upper bound)" if doc["significance"] else "")),
+            ):
+                self.console.print(Text.assemble((f"{label:>8}: ", "dim"), value))
+            self.console.print(self._compare_table(doc))
+            if doc["mean_baseline"] is not None:
+                change = (doc["mean_current"] - doc["mean_baseline"]) * 100
+                self.console.print(f"class mean {_pct(doc['mean_baseline'])} -> "
+                                   f"{_pct(doc['mean_current'])} ({change:+.1f} pp)")
+            if reasons:
+                for c in doc["classes"]:
+                    for failure in c["failures"]:
+                        self.console.print(Text(f"DROPPED {c['name']}: {failure['message']}",
+                                                style="red"))
+        for warning in doc["warnings"]:
+            self.warn(warning)
+        dropped = len(doc["flagged"])
+        within = len(doc["classes"]) - dropped
+        parts = [f"{dropped} class{'es' if dropped != 1 else ''} dropped more than {allowed}"
+                 ] if dropped else []
+        parts.append(f"{within} within {allowed}")
+        self.console.rule(Text(", ".join(parts), style="bold red" if dropped else "bold green"),
+                          characters="=")
+
+    def _compare_table(self, doc: dict[str, Any]) -> Table:
+        table = Table(box=box.SIMPLE_HEAD if self.console.is_terminal else box.ASCII,
+                      show_edge=False, pad_edge=False)
+        table.add_column("class")
+        table.add_column("n", justify="right")
+        for name in ("baseline", "report", "delta"):
+            table.add_column(name, justify="right")
+        table.add_column("verdict")
+        for c in doc["classes"]:
+            flagged = not c["passed"]
+            table.add_row(c["name"], str(c["n"]), _pct(c["baseline"]), _pct(c["current"]),
+                          f"{c['delta'] * 100:+.1f} pp", "DROPPED" if flagged else "passed",
+                          style="bold red" if flagged else None)
+        return table

@@ -1,0 +1,263 @@
+"""Per-class robust accuracy against a baseline report: what dropped, by how much, and is it allowed.
+
+Used by ``robaudit compare`` (two saved reports) and by ``scan --baseline`` (a saved report and the
+scan in progress). The drop policy itself is the gate's ``max_drop``, so both judge alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robaudit.config import format_eps
+from robaudit.errors import UsageError
+from robaudit.gate import Failure, GatePolicy, judge
+from robaudit.metrics import WORST, ClassStats, Rate
+
+# eps goes through JSON as a float: equal settings may differ in the last bits.
+_EPS_TOL = 1e-9
+#: Settings that change how strong the attacks are without changing what is measured.
+_STRENGTH = ("steps", "restarts", "temperatures", "mode", "schedule")
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The per-class figures of one saved report and the settings they were measured with."""
+
+    path: str
+    created: str
+    eps: float
+    attacks: tuple[str, ...]
+    #: Classes with examples in the report, in class order.
+    audited: tuple[str, ...]
+    #: Robust accuracy per figure (each attack and ``worst``), then per class name.
+    robust: dict[str, dict[str, float]]
+    #: Attack strength, for warnings: reports of weaker attacks compare but show false gains.
+    strength: dict[str, Any] = field(default_factory=dict)
+    partial: bool = False
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any], path: str | Path) -> Figures:
+        config = doc["config"]
+        robust: dict[str, dict[str, float]] = {}
+        for c in doc["classes"]:
+            if c["n"] == 0:
+                continue
+            for figure, rate in c["robust"].items():
+                if rate is not None and rate["acc"] is not None:
+                    robust.setdefault(figure, {})[c["name"]] = rate["acc"]
+        return cls(
+            path=str(path),
+            created=doc.get("created", ""),
+            eps=float(config["eps"]),
+            attacks=tuple(config["attacks"]),
+            audited=tuple(c["name"] for c in doc["classes"] if c["n"] > 0),
+            robust=robust,
+            strength={k: config.get(k) for k in _STRENGTH},
+            partial=bool(doc.get("partial", False)),
+        )
+
+
+def read_figures(path: str | Path) -> Figures:
+    """A saved report's figures; UsageError when the file is not a robaudit report."""
+    # Imported here: reports.json imports the scan pipeline, which imports this module.
+    from robaudit.reports.json import read_json
+
+    return Figures.from_doc(read_json(path), path)
+
+
+def check_comparable(
+    baseline: Figures,
+    *,
+    eps: float,
+    attacks: Collection[str],
+    audited: Collection[str] | None,
+    against: str,
+) -> None:
+    """UsageError naming every setting in which ``against`` differs from the baseline.
+
+    Robust accuracy at another ε, under other attacks or over other classes is another figure:
+    a "drop" between them would be meaningless.
+    """
+    differences = []
+    if abs(baseline.eps - eps) > _EPS_TOL:
+        differences.append(f"eps (baseline {format_eps(baseline.eps)}, {against} {format_eps(eps)})")
+    if set(baseline.attacks) != set(attacks):
+        differences.append(
+            f"attacks (baseline {','.join(baseline.attacks)}, {against} {','.join(attacks)})"
+        )
+    if audited is not None and set(baseline.audited) != set(audited):
+        only_base = [c for c in baseline.audited if c not in set(audited)]
+        only_new = [c for c in audited if c not in set(baseline.audited)]
+        parts = []
+        if only_base:
+            parts.append(f"only in the baseline: {_names(only_base)}")
+        if only_new:
+            parts.append(f"only in {against}: {_names(only_new)}")
+        differences.append(f"classes ({'; '.join(parts)})")
+    if differences:
+        raise UsageError(
+            f"cannot compare {against} with the baseline {baseline.path}: they differ in "
+            f"{', and '.join(differences)}. Compare reports made with the same eps, attacks "
+            "and classes"
+        )
+
+
+def _names(names: list[str], shown: int = 8) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def strength_warnings(baseline: Figures, strength: Mapping[str, Any], against: str) -> list[str]:
+    """Differences in attack strength: allowed, but a weaker attack shows gains that are not."""
+    warnings = []
+    for key, value in strength.items():
+        before = baseline.strength.get(key)
+        if before is not None and value is not None and before != value:
+            warnings.append(
+                f"{key} differs (baseline {before}, {against} {value}): a weaker attack "
+                "overestimates robust accuracy, so deltas mix model and attack changes"
+            )
+    if baseline.partial:
+        warnings.append(f"the baseline {baseline.path} is partial (an interrupted scan)")
+    return warnings
+
+
+@dataclass(frozen=True)
+class ClassDelta:
+    """One class's robust accuracy before and after, and the policy failures of the change."""
+
+    name: str
+    n: int
+    baseline: float
+    current: float
+    failures: tuple[Failure, ...]
+
+    @property
+    def delta(self) -> float:
+        return self.current - self.baseline
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Per-class deltas of one figure between a baseline and a report."""
+
+    baseline_path: str
+    report_path: str
+    figure: str
+    eps: float
+    max_drop: float
+    significance: bool
+    classes: list[ClassDelta]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> list[ClassDelta]:
+        return [c for c in self.classes if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the terminal reporter (and anything else that renders it)."""
+
+        def mean(values: list[float]) -> float | None:
+            return sum(values) / len(values) if values else None
+
+        return {
+            "baseline": self.baseline_path,
+            "report": self.report_path,
+            "figure": self.figure,
+            "eps": self.eps,
+            "eps_text": format_eps(self.eps),
+            "max_drop": self.max_drop,
+            "significance": self.significance,
+            "passed": not self.flagged,
+            "flagged": [c.name for c in self.flagged],
+            "mean_baseline": mean([c.baseline for c in self.classes]),
+            "mean_current": mean([c.current for c in self.classes]),
+            "classes": [
+                {
+                    "name": c.name,
+                    "n": c.n,
+                    "baseline": c.baseline,
+                    "current": c.current,
+                    "delta": c.delta,
+                    "passed": c.passed,
+                    "failures": [
+                        {"policy": f.policy, "value": f.value, "threshold": f.threshold,
+                         "message": f.message}
+                        for f in c.failures
+                    ],
+                }
+                for c in self.classes
+            ],
+            "warnings": list(self.warnings),
+        }
+
+
+def _stats(doc: Mapping[str, Any], figure: str) -> list[ClassStats]:
+    """The report's classes as the gate's input, so compare judges exactly as a scan does."""
+
+    def rate(d: Mapping[str, Any] | None) -> Rate:
+        if d is None:
+            return Rate(0, 0, 0.0, 1.0)
+        return Rate(int(d["correct"]), int(d["n"]), float(d["ci95"][0]), float(d["ci95"][1]))
+
+    return [
+        ClassStats(
+            index=c["index"], name=c["name"], n=c["n"], clean=rate(c["clean"]),
+            robust={figure: rate(c["robust"].get(figure))}, runtime_robust=None,
+            mean_clean_margin=math.nan, mean_adv_margin=math.nan, confusion_row=[],
+        )
+        for c in doc["classes"]
+    ]
+
+
+def compare(
+    baseline: Figures,
+    report: Mapping[str, Any],
+    *,
+    max_drop: float,
+    report_path: str = "the report",
+    figure: str | None = None,
+    significance: bool | None = None,
+) -> Comparison:
+    """Judge each class of ``report`` (a JSON report document) against the baseline's figures.
+
+    ``figure`` and ``significance`` default to the report's own gate settings. UsageError when the
+    two were measured with different eps, attacks or classes.
+    """
+    if not 0 <= max_drop <= 1:
+        raise UsageError(f"max_drop must be between 0 and 1, got {max_drop}")
+    current = Figures.from_doc(report, report_path)
+    check_comparable(baseline, eps=current.eps, attacks=current.attacks,
+                     audited=current.audited, against=report_path)
+    gate = report["verdict"]["gate"]
+    figure = figure or gate["on"]
+    if figure not in (*current.attacks, WORST):
+        raise UsageError(
+            f"cannot compare on {figure!r}: the reports have {', '.join(current.attacks)} "
+            f"and {WORST}"
+        )
+    significance = bool(gate.get("significance")) if significance is None else significance
+    policy = GatePolicy(max_drop=max_drop, significance=significance, on=figure)
+    before = baseline.robust.get(figure, {})
+    verdicts = {v.name: v for v in judge(_stats(report, figure), policy, before)}
+    classes = [
+        ClassDelta(c["name"], c["n"], before[c["name"]], c["robust"][figure]["acc"],
+                   verdicts[c["name"]].failures)
+        for c in report["classes"]
+        if c["n"] > 0 and c["name"] in before
+    ]
+    warnings = strength_warnings(baseline, current.strength, report_path)
+    if current.partial:
+        warnings.append(f"{report_path} is partial (an interrupted scan)")
+    return Comparison(
+        baseline_path=baseline.path, report_path=report_path, figure=figure, eps=current.eps,
+        max_drop=max_drop, significance=significance, classes=classes, warnings=warnings,
+    )

@@ -1,0 +1,17 @@
+"""``robaudit harden``: fine-tune a model so that its weakest classes catch up.
+
+Adversarial fine-tuning (PGD-AT or TRADES) with per-class loss weights and optionally per-class
+ε from a weighting scheme (:mod:`robaudit.harden.reweight`: ``frl``, ``cfa``, ``inverse``,
+``none``), a validation scan every epoch that keeps the epoch with the highest mean plus
+worst-class robust accuracy, atomic checkpoints and ``--resume``
+(:mod:`robaudit.harden.checkpoint`), an optional per-class logit bias tuned at inference time
+(:mod:`robaudit.harden.calibrate`), and the model written back in its input format
+(:mod:`robaudit.harden.export`), scanned before and after.
+"""
+
+from __future__ import annotations
+
+from robaudit.harden.config import HardenConfig
+from robaudit.harden.run import CRITERION, HardenProgress, HardenResult, harden, to_dict
+
+__all__ = ["CRITERION", "HardenConfig", "HardenProgress", "HardenResult", "harden", "to_dict"]

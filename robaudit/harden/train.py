@@ -1,0 +1,241 @@
+"""One epoch of class-weighted adversarial fine-tuning, and the per-epoch validation scan.
+
+Training examples come from PGD run to the last iterate (no early stop: training wants the
+strongest example in the ball, where an audit only wants to know whether one breaks), each
+example in its own class's ε-ball:
+
+- ``pgd-at`` (Madry et al. 2018): uniform random start, ascend cross-entropy; the loss is
+  ``Σ w_y CE(f(x'), y) / Σ w_y`` with ``w_y`` the mean of the class's natural and boundary weights
+  (PGD-AT has one term, and the robust error is the clean plus the boundary error).
+- ``trades`` (Zhang et al. 2019): start at ``x + 0.001·N(0, 1)``, ascend ``KL(f(x) ‖ f(x'))``;
+  the loss of an example is ``(w_nat,y CE(f(x), y) + β_y w_bndy,y KL) / (1 + β_y)``, summed and
+  divided by the batch's mean weight ``Σ (w_nat,y + w_bndy,y) / 2``.
+
+Step size 2.5·ε_y/steps. Examples are made in eval mode and the update runs in train mode (the
+mode is restored afterwards). Randomness (data order, random starts) comes from generators seeded
+by (seed, epoch), so an epoch's result depends only on the state it starts from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robaudit.attacks import PGD
+from robaudit.attacks.engine import audit_batch
+from robaudit.attacks.losses import margin
+from robaudit.config import ScanConfig
+from robaudit.data import iter_batches, load_data, select_indices
+from robaudit.harden.reweight import ClassSettings
+from robaudit.metrics import Records, class_stats, summarize
+
+
+@dataclass
+class Split:
+    """A data set held in memory: pixels in [0, 1], labels, data set indices."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    class_names: list[str]
+
+
+def load_split(spec: str, scan: ScanConfig, *, split: str) -> Split:
+    """Load and select (``per_class``/``limit``/``seed`` of the scan) a data set into memory."""
+    source = load_data(spec, root=scan.data_root, download=scan.download, split=split,
+                       class_names_file=scan.class_names, image_size=scan.image_size)
+    indices = select_indices(np.asarray(source.targets), per_class=scan.per_class,
+                             limit=scan.limit, seed=scan.seed)
+    xs, ys, idx = [], [], []
+    for x, y, i in iter_batches(source, indices, 1024):
+        xs.append(x)
+        ys.append(y)
+        idx.append(i)
+    return Split(torch.cat(xs), torch.cat(ys).long(), torch.cat(idx), list(source.class_names))
+
+
+@dataclass
+class EpochStats:
+    """What one epoch of training measured."""
+
+    loss: float
+    #: Per class: robust accuracy on the epoch's own training examples (CFA's t_k).
+    train_robust: list[float]
+
+
+def generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A CPU generator for one purpose of one epoch (stream 0: data order, 1: random starts)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 101 + stream) % (2**63 - 1))
+
+
+def make_adversarial(module: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
+                     steps: int, objective: str, gen: torch.Generator) -> torch.Tensor:
+    """The last PGD iterate in each example's ε-ball (``eps`` has one value per example)."""
+    eps_b = eps.view(-1, *([1] * (x.dim() - 1)))
+    step = 2.5 * eps_b / steps
+    lower, upper = (x - eps_b).clamp(min=0.0), (x + eps_b).clamp(max=1.0)
+    if objective == "trades":
+        with torch.no_grad():
+            target = F.softmax(module(x), dim=1)
+        noise = 0.001 * torch.randn(x.shape, generator=gen).to(x.device)
+    else:
+        noise = (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * eps_b
+    x_adv = torch.maximum(torch.minimum(x + noise, upper), lower)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = module(x_adv)
+        if objective == "trades":
+            loss = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="sum")
+        else:
+            loss = F.cross_entropy(logits, y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.maximum(torch.minimum(x_adv.detach() + step * grad.sign(), upper), lower)
+    return x_adv.detach()
+
+
+def train_epoch(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Split,
+    settings: ClassSettings,
+    *,
+    objective: str,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    on_batch: Callable[[int, int, float], None] | None = None,
+) -> EpochStats:
+    """Fine-tune ``module`` for one epoch on ``data`` with the classes' settings."""
+    device = data.x.device
+    nat = torch.tensor(settings.nat_weight, device=device)
+    bndy = torch.tensor(settings.bndy_weight, device=device)
+    eps = torch.tensor(settings.eps, device=device)
+    beta = torch.tensor(settings.beta, device=device)
+    k = len(settings.eps)
+    order = torch.randperm(len(data.y), generator=generator(seed, epoch, 0))
+    starts = generator(seed, epoch, 1)
+    correct = torch.zeros(k, dtype=torch.long)
+    seen = torch.zeros(k, dtype=torch.long)
+    total, count = 0.0, 0
+    batches = (len(order) + batch_size - 1) // batch_size
+    was_training = module.training
+    try:
+        for b, begin in enumerate(range(0, len(order), batch_size)):
+            pick = order[begin:begin + batch_size].to(device)
+            x, y = data.x[pick], data.y[pick]
+            module.eval()
+            x_adv = make_adversarial(module, x, y, eps[y], steps, objective, starts)
+            module.train()
+            adv_logits = module(x_adv)
+            if objective == "trades":
+                clean_logits = module(x)
+                kl = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(clean_logits, dim=1),
+                              reduction="none").sum(dim=1)
+                ce = F.cross_entropy(clean_logits, y, reduction="none")
+                per_example = (nat[y] * ce + beta[y] * bndy[y] * kl) / (1 + beta[y])
+                loss = per_example.sum() / ((nat[y] + bndy[y]) / 2).sum()
+            else:
+                w = (nat[y] + bndy[y]) / 2
+                loss = (w * F.cross_entropy(adv_logits, y, reduction="none")).sum() / w.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            hit = (adv_logits.detach().argmax(dim=1) == y).cpu()
+            correct += torch.bincount(y.cpu()[hit], minlength=k)
+            seen += torch.bincount(y.cpu(), minlength=k)
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+            if on_batch is not None:
+                on_batch(b + 1, batches, total / count)
+    finally:
+        module.train(was_training)
+    robust = [float(c) / float(n) if n else 1.0 for c, n in zip(correct, seen, strict=True)]
+    return EpochStats(total / max(count, 1), robust)
+
+
+@dataclass
+class Validation:
+    """Per-class clean and PGD robust accuracy on the validation set, and the selection score."""
+
+    clean: list[float]
+    robust: list[float]
+    clean_acc: float
+    mean_robust: float
+    worst_robust: float
+    worst_class: str
+
+    @property
+    def score(self) -> float:
+        """What the kept checkpoint maximises: mean plus worst-class robust accuracy."""
+        return self.mean_robust + self.worst_robust
+
+    def to_dict(self) -> dict[str, object]:
+        return {"clean": self.clean, "robust": self.robust, "clean_acc": self.clean_acc,
+                "mean_robust": self.mean_robust, "worst_robust": self.worst_robust,
+                "worst_class": self.worst_class, "score": self.score}
+
+
+def validate(module: nn.Module, data: Split, scan: ScanConfig,
+             bias: torch.Tensor | None = None) -> Validation:
+    """The scan's PGD (its ε, steps, step size, restarts, per-example seeds) on ``data``.
+
+    ``bias``, when given, is added to the logits (the calibration layer under trial).
+    """
+    model = module if bias is None else nn.Sequential(module, LogitBias(bias))
+    attack = PGD(scan.eps, steps=scan.steps, step_size=scan.step_size, restarts=scan.restarts,
+                 name="pgd")
+    records = Records(attack_names=["pgd"])
+    was_training = module.training
+    module.eval()
+    try:
+        for begin in range(0, len(data.y), scan.batch_size):
+            x = data.x[begin:begin + scan.batch_size]
+            y = data.y[begin:begin + scan.batch_size]
+            idx = data.index[begin:begin + scan.batch_size]
+            seeds = idx.to(torch.int64) + scan.seed * (1 << 32)
+            batch = audit_batch(model, [attack], x, y, seeds)
+            outcome = batch.outcomes["pgd"]
+            records.index.append(idx.numpy())
+            records.y.append(y.cpu().numpy())
+            records.clean_pred.append(batch.clean_logits.argmax(dim=1).cpu().numpy())
+            records.clean_margin.append(margin(batch.clean_logits, y).cpu().numpy())
+            records.adv_pred.setdefault("pgd", []).append(outcome.pred.cpu().numpy())
+            records.adv_margin.setdefault("pgd", []).append(outcome.margin(y).cpu().numpy())
+            records.forwards.setdefault("pgd", []).append(outcome.forwards.cpu().numpy())
+            records.bad_gradient.setdefault("pgd", []).append(outcome.bad_gradient.cpu().numpy())
+    finally:
+        module.train(was_training)
+    stats = class_stats(records, data.class_names)
+    summary = summarize(records, stats)
+    # A class without validation examples has nothing to fix: it counts as fully robust.
+    clean = [s.clean.acc if s.n else 1.0 for s in stats]
+    robust = [s.robust["pgd"].acc if s.n else 1.0 for s in stats]
+    return Validation(clean, robust, summary.clean_acc, summary.mean_class_robust["pgd"],
+                      summary.worst_class_robust, summary.worst_class)
+
+
+class LogitBias(nn.Module):
+    """Adds a fixed per-class bias to the logits: the calibration layer."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("bias", bias.detach().clone().float())
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.bias
+
+
+def average_into(average: dict[str, torch.Tensor], module: nn.Module, decay: float) -> None:
+    """``θ̄ ← decay·θ̄ + (1 − decay)·θ`` for floating-point entries (CFA's weight averaging)."""
+    with torch.no_grad():
+        for name, value in module.state_dict().items():
+            if value.is_floating_point():
+                average[name].mul_(decay).add_(value, alpha=1 - decay)
+            else:
+                average[name].copy_(value)
