@@ -22,7 +22,7 @@ demo: venv
 	@mkdir -p out/demo
 	$(VENV)/bin/robaudit scan examples/digits/model.onnx --data examples/digits/test.npz \
 	    --config examples/digits/robaudit.toml \
-	    --json out/demo/report.json --junit out/demo/junit.xml; \
+	    --json out/demo/report.json --junit out/demo/junit.xml --html out/demo/report.html; \
 	code=$$?; echo "robaudit exited with $$code (0: all classes passed, 1: classes flagged)"; \
 	test $$code -le 1
 
@@ -38,3 +38,8 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) out build dist .pytest_cache .ruff_cache
+
+# Attack-engine benchmarks (ratios measured side by side); results go in benchmarks/RESULTS.md.
+bench: venv
+	$(PY) -m pip install --quiet torchattacks==3.5.1
+	$(PY) benchmarks/bench_attacks.py

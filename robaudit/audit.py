@@ -6,6 +6,7 @@ goes to an optional callback, problems that do not stop the scan go to ``ScanRes
 
 from __future__ import annotations
 
+import itertools
 import platform
 import time
 from collections.abc import Callable
@@ -17,17 +18,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from robaudit import __version__
+from robaudit import __version__, distributed
 from robaudit.attacks import AttackSettings, build_attacks
 from robaudit.attacks.engine import Engine, ExampleResult, stream_audit
 from robaudit.attacks.losses import margin
 from robaudit.compare import Figures, check_comparable, read_figures
 from robaudit.config import ScanConfig, format_eps
 from robaudit.data import DataSource, iter_batches, load_data, select_indices
-from robaudit.errors import ConfigError, DataError, ModelOutputError, NothingToAudit, UsageError
+from robaudit.errors import (
+    ConfigError,
+    DataError,
+    ModelOutputError,
+    NothingToAudit,
+    UsageError,
+)
+from robaudit.gallery import make_gallery
 from robaudit.gate import GatePolicy, Verdict, judge
 from robaudit.metrics import ClassStats, Records, Summary, class_stats, confusion, summarize
-from robaudit.gallery import make_gallery
 from robaudit.models import load_model, verify_runtime
 
 #: Examples beyond which a single disagreement between torch and onnxruntime is only a warning.
@@ -76,10 +83,10 @@ class ScanResult:
         return [v for v in self.verdicts if not v.passed]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` means the first CUDA device when there is one, else the CPU."""
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` means a CUDA device when there is one (under torchrun, the rank's own)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available; "
@@ -97,10 +104,12 @@ def scan(
     """
     started = time.perf_counter()
     report = progress or (lambda _p: None)
-    device = resolve_device(config.device)
+    ctx = distributed.context()
+    device = resolve_device(config.device, ctx.local_rank)
+    distributed.init(ctx, device)
     torch.manual_seed(config.seed)
     # Read and check the baseline before anything slow: a mismatch is a usage error.
-    baseline = read_figures(config.baseline) if config.baseline else None
+    baseline = _read_baseline(config.baseline) if config.baseline else None
     if baseline is not None:
         check_comparable(baseline, eps=config.eps, attacks=config.attacks, audited=None,
                          against="this scan")
@@ -140,7 +149,8 @@ def scan(
 
     def batches():
         nonlocal runtime_diff
-        for i, (x, y, idx) in enumerate(iter_batches(source, indices, config.batch_size)):
+        mine = distributed.shard(indices, ctx)
+        for i, (x, y, idx) in enumerate(iter_batches(source, mine, config.batch_size)):
             x, y = x.to(device), y.to(device)
             if i == 0:
                 _check_outputs(module, x, len(source.class_names), warnings, sanity)
@@ -149,6 +159,7 @@ def scan(
             yield x, y, idx
 
     done = 0
+    failure: Exception | None = None
     try:
         stream = stream_audit(module, batches(), attack_sets, batch_size=config.batch_size,
                               seed=config.seed, worst_case=config.mode == "worst-case",
@@ -161,11 +172,19 @@ def scan(
     except KeyboardInterrupt:
         partial = True
     except torch.cuda.OutOfMemoryError as exc:  # the user's fix: a smaller batch
-        raise UsageError(
+        failure = UsageError(
             f"out of memory on {device} with batches of {config.batch_size}; lower --batch-size"
-        ) from exc
+        )
+        failure.__cause__ = exc
+    except Exception as exc:
+        failure = exc
     finally:
         module.train(was_training)
+    if failure is not None and not ctx.active:
+        raise failure
+    # Under torchrun: every rank gets every rank's records, or every rank the first failure.
+    records = [distributed.gather(rec, ctx, failure) for rec in records]
+    partial = distributed.any_partial(partial, ctx)
     finished_at = time.perf_counter()
 
     main = records[gate_e]
@@ -186,7 +205,7 @@ def scan(
     warnings.extend(_runtime_warnings(summary))
     warnings.extend(item["message"] for item in sanity)
     gallery = {}
-    if not partial:
+    if not partial and ctx.is_main:  # only rank 0 writes reports
         flagged = [v.index for v in verdicts if not v.passed]
         try:
             gallery = make_gallery(module, source, main, flagged, attack_sets[gate_e],
@@ -230,6 +249,13 @@ def scan(
     )
 
 
+def _read_baseline(path: str) -> Figures:
+    try:
+        return read_figures(path)
+    except UsageError as e:
+        raise UsageError(f"--baseline: {e}") from None
+
+
 def _settings(config: ScanConfig, eps: float) -> AttackSettings:
     # An explicit step size is in pixel units at the gate's eps: scale it with a sweep's eps.
     step_size = None if config.step_size is None else config.step_size * eps / config.eps
@@ -267,9 +293,13 @@ def _check_outputs(module: torch.nn.Module, x: torch.Tensor, num_classes: int,
         with torch.no_grad():
             out = module(x)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # TorchScript's first line only says that something failed; its last line says what.
+        first = (lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]) if lines \
+            else type(e).__name__
         raise DataError(
-            f"the model cannot run on the data's inputs of shape {tuple(x.shape[1:])}: {first}. "
+            f"the model cannot run on the data's inputs of shape {tuple(x.shape[1:])}: "
+            f"{first.rstrip('.')}. "
             "Check --image-size, the channel count, and that the model matches the data set"
         ) from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
@@ -326,7 +356,7 @@ def _record(records: Records, examples: list[ExampleResult], e: int,
             np.array([False if r is None else r.bad_gradient for r in results]))
         if runtime is not None:
             adv_x[name] = torch.stack([ex.x.cpu() if r is None else r.x_adv.cpu()
-                                       for ex, r in zip(examples, results)])
+                                       for ex, r in zip(examples, results, strict=True)])
     if runtime is not None:
         # The deployed runtime sees the same adversarial inputs: does it agree they break?
         xs = torch.stack([ex.x.cpu() for ex in examples])
@@ -339,7 +369,7 @@ def _sweep(records: list[Records], eps_list: list[float],
            class_names: list[str]) -> list[dict[str, Any]]:
     """Per-class robust accuracy at each ε of a sweep (robustness-vs-ε curves)."""
     entries = []
-    for eps, rec in zip(eps_list, records):
+    for eps, rec in zip(eps_list, records, strict=True):
         if len(rec) == 0:
             continue
         stats = class_stats(rec, class_names)
@@ -371,7 +401,7 @@ def _sanity_checks(summary: Summary, sweep: list[dict[str, Any]],
         found.append({"check": "fgsm_stronger_than_pgd", "message": (
             f"FGSM ({robust['fgsm']:.1%}) is stronger than PGD ({robust['pgd']:.1%}): a one-step "
             "attack should never beat many steps unless gradients are masked")})
-    for lower, higher in zip(sweep, sweep[1:]):
+    for lower, higher in itertools.pairwise(sweep):
         low, high = lower["robust_acc"]["worst"], higher["robust_acc"]["worst"]
         if high > low + 0.01:
             found.append({"check": "rises_with_eps", "message": (

@@ -113,8 +113,13 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, json_p
     from robaudit.reports.junit import write_junit
     from robaudit.reports.terminal import TerminalReporter
 
+    from robaudit.distributed import is_main_process
+
     options["json"] = json_path
     config = resolve_config({"model": str(model), **options}, config_file=config_file)
+    if not is_main_process():
+        # Under torchrun the other ranks attack their shards and stay silent: rank 0 reports.
+        return exit_code(run_scan(config))
     for path in (config.json, config.junit, config.html):
         if path is not None:
             check_writable(path)
@@ -202,6 +207,121 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
     return ExitCode.FLAGGED if comparison.flagged else ExitCode.OK
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--data", "train_data", required=True,
+              help="Training data: a .npz/.pt file, an image folder, or a data set name.")
+@click.option("--val-data", help="Validation data, scanned every epoch and before/after "
+              "(the same forms).  [default: data in the config file]")
+@click.option("--out", required=True, help="Where to write the hardened model (same format "
+              "and suffix as MODEL).")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Fine-tuning epochs "
+              "(0 with --calibrate: calibration only).")
+@click.option("--objective", type=click.Choice(["pgd-at", "trades"]), default="pgd-at",
+              show_default=True, help="Adversarial training objective.")
+@click.option("--beta", type=float, default=6.0, show_default=True,
+              help="TRADES regularisation weight.")
+@click.option("--reweight", type=click.Choice(["frl", "cfa", "inverse", "none"]), default="frl",
+              show_default=True, help="Class weighting scheme (see README, Hardening).")
+@click.option("--class-eps/--no-class-eps", default=None,
+              help="Per-class eps: FRL Remargin with frl; always on with cfa.")
+@click.option("--lr", type=float, default=2e-4, show_default=True,
+              help="Adam learning rate (cosine decay to a tenth).")
+@click.option("--train-batch-size", type=int, default=64, show_default=True)
+@click.option("--train-steps", type=int, default=7, show_default=True,
+              help="PGD steps when making training examples.")
+@click.option("--checkpoint", help="Checkpoint file.  [default: OUT.ckpt]")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+@click.option("--calibrate", is_flag=True, help="Append a per-class logit bias tuned on the "
+              "validation set to raise the worst class.")
+@click.option("--max-clean-drop", type=float, default=0.01, show_default=True,
+              help="Largest clean-accuracy loss --calibrate may cost.")
+@click.option("--json", "json_path", help="Write the JSON harden report here.")
+@click.option("--html", help="Write the HTML report of the hardened model's scan here.")
+@click.option("--data-root", help="Where named data sets live.")
+@click.option("--download/--no-download", default=None,
+              help="Download a named data set into --data-root if it is missing.")
+@click.option("--class-names", help="Text file with one class name per line.")
+@click.option("--image-size", type=int, help="Resize and centre-crop images to this size.")
+@click.option("--per-class", type=int, help="Seeded stratified sample of N examples per class "
+              "(training and validation).")
+@click.option("--limit", type=int, help="At most N examples in all (training and validation).")
+@click.option("--arch", help="Architecture for a state dict (see scan).")
+@click.option("--num-classes", type=int, help="Number of classes for --arch.")
+@click.option("--mean", help="Per-channel mean the model normalises with.")
+@click.option("--std", help="Per-channel std the model normalises with.")
+@click.option("--runtime-check/--no-runtime-check", default=None,
+              help="Check ONNX models against onnxruntime.  [default: on]")
+@click.option("--attacks", help="Attacks of the before/after scans.  [default: pgd,tpgd]")
+@click.option("--eps", help="L-inf radius in pixel units [0,1].  [default: 8/255]")
+@click.option("--steps", type=int, help="Attack iterations of the scans and validation.  "
+              "[default: 20]")
+@click.option("--step-size", help="Attack step size.  [default: 2.5*eps/steps]")
+@click.option("--restarts", type=int, help="Random restarts.  [default: 1]")
+@click.option("--seed", type=int, help="Seed for sampling, data order and random starts.  "
+              "[default: 0]")
+@click.option("--batch-size", type=int, help="Scan batch size.  [default: 256]")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option("--min-class-robust", help="Gate: flag classes below this robust accuracy.")
+@click.option("--min-ratio", help="Gate: flag classes below this fraction of the class mean.")
+@click.option("--max-gap", help="Gate: flag classes further than this below the best class.")
+@click.option("--significance/--no-significance", default=None,
+              help="Gate: flag only when the whole 95% Wilson interval fails.")
+@click.option("--gate-on", help="The figure the gate judges.  [default: worst]")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="Config file of the scan settings.  [default: ./robaudit.toml]")
+@click.option("-v", "--verbose", count=True, help="More output (tracebacks on internal errors).")
+@click.option("-q", "--quiet", count=True, help="Only the verdict line, warnings and errors.")
+def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs: int,
+           objective: str, beta: float, reweight: str, class_eps: bool | None, lr: float,
+           train_batch_size: int, train_steps: int, checkpoint: str | None, resume: bool,
+           calibrate: bool, max_clean_drop: float, json_path: str | None, html: str | None,
+           config_file: Path | None, verbose: int, quiet: int, **options: Any) -> int:
+    """Fine-tune MODEL so that its weakest classes catch up; exit 0 when the hardened model
+    passes the scan's gate, 1 when classes are still flagged."""
+    import dataclasses
+
+    from robaudit.config import resolve_config
+    from robaudit.harden import HardenConfig, to_dict
+    from robaudit.harden import harden as run_harden
+    from robaudit.reports import check_writable
+    from robaudit.reports.json import write_json
+    from robaudit.reports.terminal import TerminalReporter
+
+    options["data"] = val_data
+    scan_config = resolve_config({"model": str(model), **options}, config_file=config_file)
+    # The harden report replaces the scan's own report files.
+    scan_config = dataclasses.replace(scan_config, json=None, junit=None, html=None)
+    config = HardenConfig(
+        scan=scan_config, train_data=train_data, out=out, epochs=epochs, objective=objective,
+        beta=beta, reweight=reweight, class_eps=class_eps, lr=lr,
+        train_batch_size=train_batch_size, train_steps=train_steps, checkpoint=checkpoint,
+        resume=resume, calibrate=calibrate, max_clean_drop=max_clean_drop, json=json_path,
+        html=html,
+    )
+    for path in (out, json_path, html):
+        if path is not None:
+            check_writable(path)
+    reporter = TerminalReporter(_verbosity(verbose, quiet))
+    with reporter.harden_progress() as progress:
+        result = run_harden(config, progress=progress)
+    doc = to_dict(result)
+    if json_path:
+        write_json(json_path, doc)
+    if html:
+        from robaudit.reports.html import write_html
+
+        write_html(html, doc["after"])
+        # html.py renders scan reports: the input model's scan goes beside the hardened one's.
+        before_html = Path(html).with_name(Path(html).stem + ".before.html")
+        write_html(before_html, doc["before"])
+    reporter.render_harden(doc)
+    for label, path in (("JSON", json_path), ("HTML", html)):
+        if path:
+            reporter.info(f"{label} report: {path}")
+    return result.exit_code
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -223,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         e.show()
         return ExitCode.USAGE_ERROR
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("robaudit: interrupted before any result; no reports written", err=True)
+        click.echo("robaudit: interrupted before the scan had a result; any report already "
+                   "written is complete, the others were not written", err=True)
         return ExitCode.INTERRUPTED
     except RobauditError as e:
         click.secho(f"error: {e}", err=True, fg="red", bold=True)

@@ -1,4 +1,4 @@
-"""Per-class robust accuracy against a baseline report: what dropped, by how much, and is it allowed.
+"""Per-class robust accuracy against a baseline report: what dropped, by how much, is it allowed.
 
 Used by ``robaudit compare`` (two saved reports) and by ``scan --baseline`` (a saved report and the
 scan in progress). The drop policy itself is the gate's ``max_drop``, so both judge alike.
@@ -84,7 +84,9 @@ def check_comparable(
     """
     differences = []
     if abs(baseline.eps - eps) > _EPS_TOL:
-        differences.append(f"eps (baseline {format_eps(baseline.eps)}, {against} {format_eps(eps)})")
+        differences.append(
+            f"eps (baseline {format_eps(baseline.eps)}, {against} {format_eps(eps)})"
+        )
     if set(baseline.attacks) != set(attacks):
         differences.append(
             f"attacks (baseline {','.join(baseline.attacks)}, {against} {','.join(attacks)})"

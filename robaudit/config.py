@@ -169,7 +169,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 def validate(config: ScanConfig) -> None:
     """ConfigError naming the first setting that is out of range."""
-    from robaudit.attacks import build_attack, AttackSettings
+    from robaudit.attacks import AttackSettings, build_attack
 
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -197,7 +197,8 @@ def validate(config: ScanConfig) -> None:
           f"temperatures must be positive numbers, got {list(config.temperatures)}")
     check(config.per_class is None or config.per_class >= 1,
           f"per_class must be at least 1, got {config.per_class}")
-    check(config.limit is None or config.limit >= 1, f"limit must be at least 1, got {config.limit}")
+    check(config.limit is None or config.limit >= 1,
+          f"limit must be at least 1, got {config.limit}")
     check(config.image_size is None or config.image_size >= 1,
           f"image_size must be at least 1, got {config.image_size}")
     check(config.num_classes is None or config.num_classes >= 2,
@@ -232,7 +233,8 @@ def validate(config: ScanConfig) -> None:
               f"mean has {len(config.mean)} values but std has {len(config.std)}")
         check(all(s > 0 for s in config.std), "std values must be positive")
     check(config.arch is None or ":" in config.arch,
-          f"arch must look like torchvision:resnet18 or package.module:factory, got {config.arch!r}")
+          "arch must look like torchvision:resnet18 or package.module:factory, "
+          f"got {config.arch!r}")
 
 
 def find_config_file(cwd: Path) -> Path | None:
@@ -284,7 +286,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _split_eps(values: dict[str, Any]) -> dict[str, Any]:
-    """``eps = "2/255,8/255"`` (or a list) is a sweep: the gate judges ``gate_eps`` or the largest."""
+    """``eps = "2/255,8/255"`` (or a list) is a sweep; the gate judges ``gate_eps`` or the
+    largest."""
     values = dict(values)
     gate_eps = values.pop("gate_eps", None)
     if "eps" not in values:
@@ -336,4 +339,10 @@ def resolve_config(
     values["model"] = str(cli["model"])
     if "data" not in values:
         raise ConfigError("no data set given: pass --data (a .npz file, a folder or a name)")
-    return ScanConfig(**values, sources=tuple(sources))
+    try:
+        return ScanConfig(**values, sources=tuple(sources))
+    except ConfigError as e:
+        key = str(e).split(" ", 1)[0]
+        if path is not None and key in values and key not in given:
+            raise ConfigError(f"{e} (set in config file {path})") from None
+        raise

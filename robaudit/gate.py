@@ -31,7 +31,8 @@ class GatePolicy:
     @property
     def active(self) -> bool:
         return any(
-            v is not None for v in (self.min_class_robust, self.min_ratio, self.max_gap, self.max_drop)
+            v is not None
+            for v in (self.min_class_robust, self.min_ratio, self.max_gap, self.max_drop)
         )
 
 
@@ -75,7 +76,9 @@ def judge(
             continue
         # Under --significance a class fails only if even its optimistic bound fails.
         acc = rate.high if policy.significance else rate.acc
-        shown = f"{rate.acc:.1%}" + (f" (95% CI up to {rate.high:.1%})" if policy.significance else "")
+        shown = f"{rate.acc:.1%}"
+        if policy.significance:
+            shown += f" (95% CI up to {rate.high:.1%})"
         failures = []
         if policy.min_class_robust is not None and acc < policy.min_class_robust - _TOL:
             failures.append(Failure(

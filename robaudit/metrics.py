@@ -185,7 +185,7 @@ def class_stats(records: Records, class_names: Sequence[str]) -> list[ClassStats
 
 
 def confusion(records: Records, num_classes: int, attack: str) -> list[list[int]]:
-    """Adversarial confusion of one attack: row = true class, column = where broken examples went."""
+    """Adversarial confusion of one attack: row = true class, column = where broken ones went."""
     y = records.array("y").astype(np.int64)
     clean_ok = records.array("clean_pred").astype(np.int64) == y
     pred = records.array("adv_pred", attack).astype(np.int64)
@@ -227,7 +227,7 @@ def summarize(records: Records, stats: Sequence[ClassStats]) -> Summary:
         rank_correlation=_rank_correlations(records.attack_names, present),
         gain_split=_gain_split(records.attack_names, present),
         runtime_clean_acc=(
-            None if len(runtime_clean) == 0 else _mean((runtime_clean.astype(np.int64) == y))
+            None if len(runtime_clean) == 0 else _mean(runtime_clean.astype(np.int64) == y)
         ),
         runtime_robust_acc=None if runtime_ok is None else _mean(runtime_ok.astype(float)),
         bad_gradient_share=bad,
@@ -259,7 +259,8 @@ def _runtime_robust(records: Records, y: np.ndarray) -> np.ndarray | None:
     return ok
 
 
-def _rank_correlations(attacks: Sequence[str], stats: Sequence[ClassStats]) -> dict[str, float | None]:
+def _rank_correlations(attacks: Sequence[str],
+                       stats: Sequence[ClassStats]) -> dict[str, float | None]:
     result = {}
     for i, a in enumerate(attacks):
         for b in attacks[i + 1 :]:

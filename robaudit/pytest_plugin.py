@@ -75,12 +75,15 @@ class Auditor:
         from robaudit.audit import scan as run_scan
         from robaudit.errors import RobauditError
 
+        problem = None
         try:
-            scan_config = self._config(model, data, config, options)
-            result = run_scan(scan_config)
+            result = run_scan(self._config(model, data, config, options))
         except RobauditError as e:
-            # A setup mistake (missing file, bad option): its message says it all, no traceback.
-            pytest.fail(f"robaudit could not scan: {e}", pytrace=False)
+            problem = str(e)
+        if problem is not None:
+            # A setup mistake (missing file, bad option): its message says it all. Failing
+            # outside the except block keeps robaudit's exception out of the report.
+            pytest.fail(f"robaudit could not scan: {problem}", pytrace=False)
         audit = Audit(result)
         self._save(audit)
         return audit
@@ -227,7 +230,7 @@ class Audit:
         ]
         for i, row in enumerate(rows):
             cells = [c.ljust(w) if j in (0, 4) else c.rjust(w)
-                     for j, (c, w) in enumerate(zip(row, widths))]
+                     for j, (c, w) in enumerate(zip(row, widths, strict=True))]
             lines.append("  " + " | ".join(cells).rstrip())
             if i == 0:
                 lines.append("  " + "-+-".join("-" * w for w in widths))

@@ -12,10 +12,12 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -155,7 +157,9 @@ def torchscript(kind: str = "ok", classes: int = 10, name: str = "model.ts") -> 
         [Path], Path]:
     def make(tmp: Path) -> Path:
         path = tmp / name
-        torch.jit.save(torch.jit.script(Tiny(kind, classes).eval()), str(path))
+        with warnings.catch_warnings():  # TorchScript is deprecated, but users still have it
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(torch.jit.script(Tiny(kind, classes).eval()), str(path))
         return path
 
     return make
@@ -297,6 +301,49 @@ def a_report_missing(key: str) -> Builder:
     return build
 
 
+def compare(baseline: str | None, *extra: str, edit: Callable[[dict[str, Any]], None] | None = None,
+            ) -> Builder:
+    """``robaudit compare BASELINE SAVED_REPORT``: BASELINE is text, a missing file (None), or the
+    saved report changed by ``edit``."""
+
+    def build(tmp: Path) -> list[str]:
+        path = tmp / "baseline.json"
+        if edit is not None:
+            doc = json.loads(SAVED_REPORT.read_text())
+            edit(doc)
+            path.write_text(json.dumps(doc))
+        elif baseline is not None:
+            path.write_text(baseline)
+        return ["compare", str(path), str(SAVED_REPORT), *extra]
+
+    return build
+
+
+def other_eps(doc: dict[str, Any]) -> None:
+    doc["config"]["eps"], doc["config"]["eps_text"] = 0.1, "0.1"
+    for attack in doc["attacks"]:
+        attack["eps"] = 0.1
+
+
+def harden(*extra: str, out: str = "hardened.pt2", data: Path = DATA) -> Builder:
+    """``robaudit harden`` of the example with one short epoch, made bad by ``extra``."""
+
+    def build(tmp: Path) -> list[str]:
+        return ["harden", str(MODEL), "--data", str(data), "--val-data", str(DATA),
+                "--out", str(tmp / out), "--epochs", "1", "--per-class", "2", "--steps", "2",
+                "--train-steps", "1", "--device", "cpu", *extra]
+
+    return build
+
+
+def harden_onto_itself(tmp: Path) -> list[str]:
+    # A copy: should the check ever fail, the example model must not be overwritten.
+    shutil.copy(MODEL, tmp / "hardened.pt2")
+    args = harden()(tmp)
+    args[1] = str(tmp / "hardened.pt2")
+    return args
+
+
 def report_in_a_directory(tmp: Path) -> list[str]:
     (tmp / "out.json").mkdir()
     return scan(MODEL, DATA, "--json", str(tmp / "out.json"))
@@ -409,7 +456,7 @@ CASES: dict[str, Case] = {
     "data-wrong-size-torchscript": Case(
         lambda tmp: scan(torchscript()(tmp), npz(
             lambda x, y: {"x": np.zeros((len(y), 1, 16, 16), np.uint8), "y": y})(tmp)), USAGE,
-        ("cannot run on the data's inputs of shape (1, 16, 16)",)),
+        ("cannot run on the data's inputs of shape (1, 16, 16)", "mat1 and mat2 shapes")),
     "data-float-above-1": Case(
         with_data(npz(lambda x, y: {"x": x.astype(np.float32), "y": y})), USAGE,
         ("must lie in [0, 1]", "[0, 255]")),
@@ -476,6 +523,43 @@ CASES: dict[str, Case] = {
         ("unknown key 'step'", "pyproject.toml")),
     "config-missing": Case(lambda tmp: scan(MODEL, DATA, "--config", str(tmp / "nope.toml")),
                            USAGE, ("config file", "nope.toml", "does not exist")),
+    "html-report-under-a-file": Case(report_under_a_file("--html"), USAGE,
+                                     ("cannot write report", "not a writable directory")),
+    # Baselines and robaudit compare
+    "baseline-without-max-drop": Case(
+        lambda tmp: scan(MODEL, DATA, "--baseline", str(SAVED_REPORT)), USAGE,
+        ("baseline report needs max_drop",)),
+    "baseline-missing": Case(
+        lambda tmp: scan(MODEL, DATA, "--baseline", str(tmp / "nope.json"), "--max-drop", "0.1"),
+        USAGE, ("nope.json",)),
+    "compare-baseline-missing": Case(compare(None, "--max-drop", "0.03"), USAGE,
+                                     ("cannot read report", "baseline.json")),
+    "compare-baseline-not-a-report": Case(compare("[1, 2]", "--max-drop", "0.03"), USAGE,
+                                          ("not a robaudit scan report",)),
+    "compare-max-drop-unparsable": Case(compare(None, "--max-drop", "lots", edit=lambda d: None),
+                                        USAGE, ("max_drop must be a number", "'lots'")),
+    "compare-max-drop-negative": Case(compare(None, "--max-drop", "-0.5", edit=lambda d: None),
+                                      USAGE, ("max_drop", "-0.5")),
+    "compare-max-drop-missing": Case(compare(None, edit=lambda d: None), USAGE,
+                                     ("Missing option '--max-drop'",)),
+    "compare-other-eps": Case(compare(None, "--max-drop", "0.03", edit=other_eps), USAGE,
+                              ("eps", "0.1")),
+    "compare-unknown-figure": Case(
+        compare(None, "--max-drop", "0.03", "--gate-on", "fgsm", edit=lambda d: None), USAGE,
+        ("fgsm",)),
+    # robaudit harden
+    "harden-out-changes-format": Case(harden(out="hardened.onnx"), USAGE,
+                                      ("must keep the input's format and suffix (.pt2)",)),
+    "harden-out-is-the-input": Case(harden_onto_itself, USAGE, ("--out names the input model",)),
+    "harden-out-under-a-file": Case(
+        lambda tmp: (tmp / "blocker").write_text("") or harden(out="blocker/h.pt2")(tmp), USAGE,
+        ("blocker is not a writable directory",)),
+    "harden-epochs-negative": Case(harden("--epochs", "-1"), USAGE, ("epochs must be 0 or more",)),
+    "harden-train-data-missing": Case(
+        lambda tmp: harden(data=tmp / "nope.npz")(tmp), USAGE, ("no such data set", "nope.npz")),
+    "harden-resume-from-a-non-checkpoint": Case(
+        lambda tmp: harden("--resume", "--checkpoint", str(SAVED_REPORT))(tmp), USAGE,
+        ("--resume: cannot read checkpoint",)),
     # Saved reports (robaudit report)
     "report-missing": Case(report_file(None), USAGE, ("cannot read report", "report.json")),
     "report-not-json": Case(report_file("{not json"), USAGE, ("is not a JSON file",)),

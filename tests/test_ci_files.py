@@ -1,4 +1,4 @@
-"""The CI workflow, the reusable scan action and the users' example parse and have what GitHub needs."""
+"""The CI workflow, the scan action and the users' example parse and have what GitHub needs."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def test_the_projects_ci_lints_and_runs_make_test():
     assert set(doc["jobs"]) == {"lint", "test"}
     for job in doc["jobs"].values():
         assert job["runs-on"] == "ubuntu-latest"
-        setup = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/setup-python"))
+        setup = next(s for s in job["steps"]
+                     if s.get("uses", "").startswith("actions/setup-python"))
         assert setup["with"]["python-version"] == "3.11"
         assert setup["with"]["cache"] == "pip"
     runs = [s["run"] for s in steps(doc, "lint") if "run" in s]
@@ -66,7 +67,8 @@ def test_the_scan_action_is_composite_and_uploads_reports_whatever_happened():
     scan = next(s for s in action_steps if s.get("id") == "scan")
     for option in ("--json", "--junit", "--html", "--min-class-robust"):
         assert option in scan["run"]
-    upload = next(s for s in action_steps if s.get("uses", "").startswith("actions/upload-artifact"))
+    upload = next(s for s in action_steps
+                  if s.get("uses", "").startswith("actions/upload-artifact"))
     assert upload["if"] == "always()"
     assert action_steps.index(upload) > action_steps.index(scan)
     last = action_steps[-1]

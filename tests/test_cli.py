@@ -45,24 +45,25 @@ def test_exit_1_when_a_class_is_flagged(tmp_path, capsys):
 
 def test_exit_2_and_a_partial_report_when_interrupted(tmp_path):
     report = tmp_path / "r.json"
-    # Many steps and batches of 8: the scan is still attacking when the signal arrives.
+    # Many steps and a working batch of 8: the first examples finish after 200 passes, the
+    # whole scan takes about 27,000, so the scan is still attacking when the signal arrives.
     proc = subprocess.Popen(
         [sys.executable, "-m", "robaudit", *scan_args(
-            "--steps", "2000", "--batch-size", "8", "--json", str(report), "-v")],
+            "--steps", "200", "--batch-size", "8", "--json", str(report), "-v")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "CI": "true"},
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 60
     for line in proc.stderr:  # -v off a TTY logs one line per batch
-        if "attacking 8/" in line or time.monotonic() > deadline:
+        if "attacking" in line and "/540" in line or time.monotonic() > deadline:
             break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == ExitCode.INTERRUPTED == 2, err
     doc = json.loads(report.read_text())
     assert doc["partial"] is True and doc["verdict"]["exit_code"] == 2
-    assert 8 <= doc["data"]["audited"] < 540
+    assert 1 <= doc["data"]["audited"] < 540
     assert "interrupted: partial results" in out
     assert "Traceback" not in err
 

@@ -236,10 +236,10 @@ def _png(width: int, height: int, rng: random.Random, noise: bool = False) -> st
 
 
 def _rate(correct: int, n: int) -> dict[str, Any]:
-    acc = correct / n if n else None
-    spread = 0.0 if not n else 1.96 * (max(acc * (1 - acc), 0.01) / n) ** 0.5  # type: ignore[operator]
+    acc = correct / n
+    spread = 1.96 * (max(acc * (1 - acc), 0.01) / n) ** 0.5  # near enough to Wilson's here
     return {"acc": acc, "correct": correct, "n": n,
-            "ci95": [None, None] if acc is None else [max(0.0, acc - spread), min(1.0, acc + spread)]}
+            "ci95": [max(0.0, acc - spread), min(1.0, acc + spread)]}
 
 
 def synthetic_doc(num_classes: int, *, seed: int = 0, sweep: bool = False,
@@ -422,6 +422,11 @@ def test_the_table_sorts_by_any_column(browser: Chromium, digits_doc: dict[str, 
                            f"[{headers.index('verdict')}].click()")
     first = browser.evaluate(page, names)[: len(digits_doc["verdict"]["flagged"])]
     assert sorted(first) == sorted(digits_doc["verdict"]["flagged"])
+    # The confusion tabs switch between the worst case and each attack.
+    shown = "[...document.querySelectorAll('[role=tabpanel]')].map(p => !p.hidden)"
+    assert browser.evaluate(page, shown) == [True, False, False]
+    browser.evaluate(page, "document.querySelectorAll('[role=tab]')[1].click()")
+    assert browser.evaluate(page, shown) == [False, True, False]
     assert page.errors == [] and browser.evaluate(page, "window.__dialogs") == []
 
 

@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from robaudit.metrics import WORST, Records, class_stats, confusion, spearman, summarize, wilson_interval
+from robaudit.metrics import (
+    WORST,
+    Records,
+    class_stats,
+    confusion,
+    spearman,
+    summarize,
+    wilson_interval,
+)
 
 
 def test_wilson_interval_known_values():

@@ -78,7 +78,8 @@ def test_junit_is_valid_against_the_junit_schema(hostile_doc):
 def test_junit_failures_match_the_verdicts_and_carry_the_figures(hostile_doc):
     root = ET.fromstring(render_junit(hostile_doc))
     worst = root.find("testsuite[@name='robaudit.worst']")
-    failed = {case.get("name") for case in worst.findall("testcase") if case.find("failure") is not None}
+    failed = {case.get("name") for case in worst.findall("testcase")
+              if case.find("failure") is not None}
     assert failed == set(hostile_doc["verdict"]["flagged"])
     assert failed  # the example always has classes below 40%
     failure = next(c for c in worst.findall("testcase") if c.find("failure") is not None)

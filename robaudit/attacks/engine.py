@@ -11,13 +11,14 @@ work is waiting.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from robaudit.attacks.base import AttackOutcome, Model, uniform_noise
+from robaudit.attacks.base import AttackOutcome, Loss, Model, uniform_noise
 from robaudit.attacks.losses import margin
 from robaudit.attacks.pgd import PGD
 
@@ -140,7 +141,6 @@ class Engine:
         started = time.perf_counter()
         slots = torch.tensor(occupied, device=self.x0.device)
         jobs = [self.jobs[i] for i in occupied]
-        assert all(job is not None for job in jobs)
         y = self.y[slots]
         xa = self.cur[slots].detach().requires_grad_(True)
         autocast = (
@@ -170,12 +170,13 @@ class Engine:
             self._update(xa, logits, y, slots, jobs, moving)
 
         finished: list[Finished] = []
+        wrong_list, end_list = wrong.tolist(), at_end.tolist()
         for j, i in enumerate(occupied):
             job = jobs[j]
             assert job is not None
-            if bool(wrong[j]):
+            if wrong_list[j]:
                 finished.append(self._finish(i, xa.detach()[j], detached[j], broken=True))
-            elif bool(at_end[j]):
+            elif end_list[j]:
                 if self.run[i] + 1 < job.attack.runs:
                     self.run[i] += 1
                     self._start_run(i)
@@ -192,15 +193,14 @@ class Engine:
                 slots: torch.Tensor, jobs: Sequence[Job | None], moving: torch.Tensor) -> None:
         """The signed-gradient step of every slot that goes on, each with its own loss."""
         losses = torch.zeros(len(jobs), device=logits.device)
-        by_loss: dict[int, list[int]] = {}
-        for j, job in enumerate(jobs):
-            if bool(moving[j]):
-                assert job is not None
-                by_loss.setdefault(id(job.attack.loss_of_run(self.run[int(slots[j])])), []).append(j)
-        for members in by_loss.values():
-            first = jobs[members[0]]
-            assert first is not None
-            loss_fn = first.attack.loss_of_run(self.run[int(slots[members[0]])])
+        by_loss: dict[int, tuple[Loss, list[int]]] = {}
+        slot_list = slots.tolist()
+        for j, go in enumerate(moving.tolist()):
+            job = jobs[j]
+            if go and job is not None:
+                loss_fn = job.attack.loss_of_run(self.run[slot_list[j]])
+                by_loss.setdefault(id(loss_fn), (loss_fn, []))[1].append(j)
+        for loss_fn, members in by_loss.values():
             index = torch.tensor(members, device=logits.device)
             losses = losses.index_put((index,), loss_fn(logits[index], y[index]).float())
         (grad,) = torch.autograd.grad(losses.sum(), xa)
@@ -234,6 +234,10 @@ class Engine:
         Returns which slots go back to their best point before stepping (those just halved).
         """
         back_to_best = torch.zeros(len(at), dtype=torch.bool, device=at.device)
+        halving = [jobs[j] is not None and jobs[j].attack.schedule == "halving"  # type: ignore[union-attr]
+                   for j in move.tolist()]
+        if not any(halving):
+            return back_to_best
         rose = loss_now > self.last_loss[at]
         self.gains[at] += rose.long()
         self.last_loss[at] = loss_now
@@ -242,10 +246,9 @@ class Engine:
         self.best_loss_x[at[improved]] = x_now[improved]
         for j, i in enumerate(at.tolist()):
             job = jobs[int(move[j])]
-            assert job is not None
-            attack = job.attack
-            if attack.schedule != "halving":
+            if not halving[j] or job is None:
                 continue
+            attack = job.attack
             step = int(self.step_no[i])
             interval = attack.checkpoint_interval(step)
             if interval is None:
@@ -391,7 +394,7 @@ def stream_audit(
     batch boundaries.
     """
     engine = engine or Engine(model, batch_size, amp=amp)
-    pending: list[Job] = []
+    pending: deque[Job] = deque()
     in_flight: dict[int, ExampleResult] = {}
     source = iter(batches)
     exhausted = False
@@ -428,7 +431,7 @@ def stream_audit(
                 in_flight[index] = example
                 pending.extend(jobs)
         while pending and engine.free:
-            engine.add(pending.pop(0))
+            engine.add(pending.popleft())
         if not engine.busy and not pending:
             if ready:
                 yield ready

@@ -9,6 +9,7 @@ evaluation of adversarial robustness with an ensemble of diverse parameter-free 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from functools import cached_property
@@ -78,7 +79,7 @@ class PGD:
             fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
         # Rounded first: 0.57 * 100 is 57.000000000000007 in floating point.
         steps = sorted({math.ceil(round(p * self.steps, 9)) for p in fractions if p <= 1.0})
-        return {b: b - a for a, b in zip(steps, steps[1:]) if b > 0}
+        return {b: b - a for a, b in itertools.pairwise(steps) if b > 0}
 
     def checkpoint_interval(self, step: int) -> int | None:
         """At a checkpoint (``step`` steps taken), the steps since the previous one."""

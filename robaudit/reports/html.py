@@ -122,6 +122,7 @@ def build_view(doc: dict[str, Any]) -> dict[str, Any]:
         "present": len(present),
         "empty": len(classes) - len(present),
         "flagged": [c for c in weakest_first if c["flagged"]],
+        "weakest": weakest_first[0] if weakest_first else None,
         "main": main,
         "rest": rest,
         "runtime": any(c["runtime"] is not None for c in present),
@@ -203,10 +204,13 @@ def _bars(focus: list[dict[str, Any]], attacks: list[str], on: str,
     series = [("clean", CLEAN_COLOUR)]
     series += [(a, PALETTE[i % len(PALETTE)]) for i, a in enumerate(attacks)]
     series.append((WORST, WORST_COLOUR))
-    width, left, right, top, bottom = 1080, 46, 92, 14, 84
-    height = 330
-    plot_w, plot_h = width - left - right, height - top - bottom
-    group = plot_w / max(1, len(focus))
+    width, left, right, top = 1080, 46, 92, 14
+    group = (width - left - right) / max(1, len(focus))
+    # Long names are turned to fit under their group; short ones stay level and need less room.
+    rotate = max((len(_short(c["name"])) for c in focus), default=0) * 7 > group * 0.9
+    bottom = 84 if rotate else 30
+    height = 220 + bottom
+    plot_h = height - top - bottom
     bar = min(16.0, group * 0.78 / len(series))
 
     def y(v: float) -> float:
@@ -234,7 +238,7 @@ def _bars(focus: list[dict[str, Any]], attacks: list[str], on: str,
         })
     return {
         "width": width, "height": height, "left": left, "right": width - right, "top": top,
-        "bottom": top + plot_h, "groups": groups, "series": series, "on": on,
+        "bottom": top + plot_h, "groups": groups, "series": series, "on": on, "rotate": rotate,
         "ticks": [{"y": y(t / 4), "label": f"{t * 25}%"} for t in range(5)],
         "thresholds": [{**t, "y": y(t["value"]), "text": f"{t['label']} {_pct(t['value'], 0)}"}
                        for t in thresholds],
@@ -245,7 +249,7 @@ def _heat_colour(t: float) -> str:
     """White to deep red; the square root lifts small shares into view."""
     t = math.sqrt(max(0.0, min(1.0, t)))
     low, high = (255, 255, 255), (165, 28, 48)
-    r, g, b = (round(a + (b_ - a) * t) for a, b_ in zip(low, high))
+    r, g, b = (round(a + (b_ - a) * t) for a, b_ in zip(low, high, strict=True))
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
@@ -281,7 +285,10 @@ def _heatmap(figure: str, rows: list[dict[str, Any]], matrix: list[list[int]],
              columns: list[int], names: Sequence[str], other: bool) -> dict[str, Any]:
     ncols = len(columns) + (1 if other else 0)
     cell = max(18.0, min(44.0, 620 / max(1, ncols)))
-    left, top = 170, 96
+    longest = max([len(_short(names[j], 14)) for j in columns] + [5 if other else 0])
+    rotate = longest * 7 > cell - 4
+    top = round(24 + longest * 5.2) if rotate else 26
+    left = max(150, min(170, 24 + 7 * max((len(_short(c["name"], 20)) for c in rows), default=0)))
     width = round(left + cell * ncols + 96)
     height = round(top + cell * len(rows) + 8)
     grid = []
@@ -298,7 +305,7 @@ def _heatmap(figure: str, rows: list[dict[str, Any]], matrix: list[list[int]],
     out_rows = []
     for r, (c, values, shares, broken) in enumerate(grid):
         cells = []
-        for k, (count, share) in enumerate(zip(values, shares)):
+        for k, (count, share) in enumerate(zip(values, shares, strict=True)):
             target = names[columns[k]] if k < len(columns) else "other classes"
             diagonal = k < len(columns) and columns[k] == c["index"]
             t = share / largest if largest else 0.0
@@ -325,7 +332,7 @@ def _heatmap(figure: str, rows: list[dict[str, Any]], matrix: list[list[int]],
         "columns": [{**lab, "x": round(left + (k + 0.5) * cell, 1)}
                     for k, lab in enumerate(labels)],
         "right": round(left + cell * ncols, 1), "largest": largest, "text": cell >= 24,
-        "other": other,
+        "other": other, "rotate": rotate,
     }
 
 
@@ -355,20 +362,23 @@ def _sweep(doc: dict[str, Any], weakest_first: list[dict[str, Any]], on: str,
     for i, c in enumerate(chosen):
         points = [{"x": x(e["eps"]), "y": y(v), "title":
                    f"{c['name']} at ε = {e.get('eps_text', e['eps'])}: {_pct(v)}"}
-                  for e, values in zip(entries, by_eps)
+                  for e, values in zip(entries, by_eps, strict=True)
                   if (v := values.get(c["name"])) is not None]
         if points:
             lines.append({"name": c["name"], "label": _short(c["name"], 22),
                           "flagged": c["flagged"], "colour": PALETTE[i % len(PALETTE)],
                           "points": points,
                           "path": " ".join(f"{p['x']},{p['y']}" for p in points)})
+    _spread([line["points"][-1]["y"] for line in lines], lines, top, top + plot_h)
     mean = [{"x": x(e["eps"]), "y": y(v),
              "title": f"class mean at ε = {e.get('eps_text', e['eps'])}: {_pct(v)}"}
             for e in entries if (v := (e.get("mean_class_robust") or {}).get(figure)) is not None]
-    gate_eps = doc.get("config", {}).get("gate_eps")
+    # The gate judges config["eps"]; gate_eps, when written, names it explicitly.
+    config = doc.get("config", {})
+    gate_eps = config.get("gate_eps", config.get("eps"))
     floor = gate.get("min_class_robust")
     table = []
-    for e, values in zip(entries, by_eps):
+    for e, values in zip(entries, by_eps, strict=True):
         known = {k: v for k, v in values.items() if v is not None}
         weakest = min(known, key=lambda k: known[k]) if known else None
         table.append({
@@ -392,6 +402,20 @@ def _sweep(doc: dict[str, Any], weakest_first: list[dict[str, Any]], on: str,
     }
 
 
+def _spread(ys: list[float], lines: list[dict[str, Any]], low: float, high: float,
+            gap: float = 13.0) -> None:
+    """Give each line a label height ``label_y`` near its end, at least ``gap`` apart."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed: list[float] = []
+    for i in order:
+        placed.append(max(ys[i], placed[-1] + gap) if placed else max(ys[i], low))
+    overflow = (placed[-1] - high) if placed else 0.0
+    if overflow > 0:  # pushed past the bottom: shift up, keeping the spacing
+        placed = [max(low, v - overflow) for v in placed]
+    for i, v in zip(order, placed, strict=True):
+        lines[i]["label_y"] = round(v, 1)
+
+
 def _correlations(doc: dict[str, Any]) -> list[dict[str, Any]]:
     pairs = doc["summary"].get("rank_correlation") or {}
     return [{"a": key.split("~")[0], "b": key.split("~")[-1], "rho": rho}
@@ -404,7 +428,7 @@ def _gains(doc: dict[str, Any], present: list[dict[str, Any]]) -> dict[str, Any]
     if not split or len(split.get("per_class", [])) != len(present):
         return None
     weakest = split["weakest"]
-    pairs = sorted(zip(present, split["per_class"]),
+    pairs = sorted(zip(present, split["per_class"], strict=True),
                    key=lambda p: (p[0]["robust"][weakest]["acc"] is None,
                                   p[0]["robust"][weakest]["acc"] or 0.0, p[0]["index"]))
     half = max(1, len(pairs) // 2)
@@ -419,8 +443,11 @@ def _gains(doc: dict[str, Any], present: list[dict[str, Any]]) -> dict[str, Any]
                      "title": (f"{chunk[0][0]['name']}: " if size == 1 else
                                f"classes ranked {start + 1}–{start + len(chunk)}: ")
                      + f"{sum(g for _, g in chunk)} more broken by {split['strongest']}"})
-    width, left, top, height = 1080, 46, 14, 200
-    plot_w, plot_h = width - left - 20, height - top - 60
+    labels = size == 1 and len(bins) <= FULL
+    rotate = labels and max(len(_short(b["label"], 16)) for b in bins) * 7 > 1000 / len(bins)
+    width, left, top = 1080, 46, 8
+    height = 150 + (84 if rotate else 30)
+    plot_w, plot_h = width - left - 20, 150 - top
     scale = max([abs(b["gain"]) for b in bins] + [1])
     has_negative = any(b["gain"] < 0 for b in bins)
     zero = top + (plot_h / 2 if has_negative else plot_h)
@@ -435,7 +462,7 @@ def _gains(doc: dict[str, Any], present: list[dict[str, Any]]) -> dict[str, Any]
         **split, "bins": bins, "width": width, "height": height, "zero": round(zero, 1),
         "left": left, "right": width - 20, "top": top, "bottom": top + plot_h,
         "half_x": round(left + step * math.ceil(half / size), 1), "half": half,
-        "labels": size == 1 and len(bins) <= FULL, "scale": scale,
+        "labels": labels, "rotate": rotate, "scale": scale, "negative": has_negative,
     }
 
 
@@ -456,7 +483,7 @@ def _gallery(doc: dict[str, Any], weakest_first: list[dict[str, Any]]) -> dict[s
             images = [e.get(k) for k in ("clean", "adversarial", "perturbation")]
             if all(i is None for i in images):
                 text_only = True
-                shown.append({**e, "images": False})
+                shown.append({**_example(e, c["name"]), "images": False})
                 continue
             # Only inline images: a URL here would be a network request (and CSP blocks it).
             if not all(isinstance(i, str) and i.startswith(IMAGE_PREFIXES) for i in images):
@@ -465,7 +492,9 @@ def _gallery(doc: dict[str, Any], weakest_first: list[dict[str, Any]]) -> dict[s
             if cost > budget:
                 break
             budget -= cost
-            shown.append({**e, "images": True})
+            shown.append({**_example(e, c["name"]), "images": True,
+                          "clean": images[0], "adversarial": images[1],
+                          "perturbation": images[2]})
         if shown:
             sections.append({"name": c["name"], "flagged": c["flagged"], "figure": c["figure"],
                              "examples": shown, "total": len(examples)})
@@ -474,3 +503,9 @@ def _gallery(doc: dict[str, Any], weakest_first: list[dict[str, Any]]) -> dict[s
     if not sections and not left_out:
         return None
     return {"sections": sections, "left_out": left_out, "text_only": text_only}
+
+
+def _example(e: dict[str, Any], name: str) -> dict[str, Any]:
+    """The caption's fields, with defaults: a missing one must not stop the report."""
+    return {"index": e.get("index", "?"), "true": e.get("true", name), "pred": e.get("pred", "?"),
+            "confidence": e.get("confidence"), "attack": e.get("attack", "")}

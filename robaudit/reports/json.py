@@ -79,8 +79,10 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
             "clean": _rate(s.clean),
             "robust": {name: _rate(rate) for name, rate in s.robust.items()},
             "runtime_robust": _rate(s.runtime_robust),
-            "mean_clean_margin": s.mean_clean_margin,
-            "mean_adv_margin": s.mean_adv_margin,
+            # Rounded: float32 sums differ in the 8th digit between batch sizes, and the
+            # report should not.
+            "mean_clean_margin": _round(s.mean_clean_margin),
+            "mean_adv_margin": _round(s.mean_adv_margin),
             "confusion_row": s.confusion_row,
             "verdict": _verdict(result.verdicts[s.index]),
             "verdict_by_figure": {n: _verdict(v[s.index]) for n, v in by_figure.items()},
@@ -165,6 +167,10 @@ def _gallery(gallery: dict[str, list[dict[str, Any]]], images: bool) -> dict[str
     pictures = ("clean", "adversarial", "perturbation")
     return {name: [{k: v for k, v in item.items() if k not in pictures} for item in items]
             for name, items in gallery.items()}
+
+
+def _round(value: float) -> float:
+    return round(value, 5) if math.isfinite(value) else value
 
 
 def _clean(value: Any) -> Any:

@@ -225,3 +225,92 @@ class TerminalReporter:
                           f"{c['delta'] * 100:+.1f} pp", "DROPPED" if flagged else "passed",
                           style="bold red" if flagged else None)
         return table
+
+    @contextmanager
+    def harden_progress(self) -> Iterator[Callable[[Any], None]]:
+        """A callback for ``harden(progress=...)``: a bar of the epoch's batches with the loss
+        and the worst class on a TTY; off a TTY with -v, a line per stage and epoch."""
+        if not self.interactive:
+            yield self._log_harden if self.verbosity > 0 else (lambda _event: None)
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn())
+        worst = {"text": ""}
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+
+            def update(event: Any) -> None:
+                if event.worst_class is not None:
+                    worst["text"] = f", worst class {event.worst_class} " \
+                                    f"{_pct(event.worst_robust)}"
+                if event.stage == "trained":
+                    self.console.print(f"epoch {event.epoch}/{event.epochs}: loss "
+                                       f"{event.loss:.3f}{worst['text']}")
+                    return
+                label = event.stage
+                if event.epochs:
+                    label = f"epoch {event.epoch}/{event.epochs} {event.stage}"
+                if event.loss is not None:
+                    label += f" loss {event.loss:.3f}"
+                bar.update(task, description=label + worst["text"], completed=event.batch,
+                           total=event.batches or None)
+
+            yield update
+
+    def _log_harden(self, event: Any) -> None:
+        parts = [f"robaudit: {event.stage}"]
+        if event.epochs:
+            parts.append(f"epoch {event.epoch}/{event.epochs}")
+        if event.batches:
+            parts.append(f"batch {event.batch}/{event.batches}")
+        if event.loss is not None:
+            parts.append(f"loss {event.loss:.3f}")
+        if event.worst_class is not None:
+            parts.append(f"worst class {event.worst_class} {_pct(event.worst_robust)}")
+        self.errors.print(" ".join(parts), soft_wrap=True)
+
+    def render_harden(self, doc: dict[str, Any]) -> None:
+        """A harden report: the scan of the hardened model, then the per-class before/after
+        table, what was kept and where it was written."""
+        self.render(doc["after"])
+        if self.verbosity < 0:
+            return
+        attacks = [a["name"] for a in doc["after"]["attacks"]]
+        table = Table(box=box.SIMPLE_HEAD if self.console.is_terminal else box.ASCII,
+                      show_edge=False, pad_edge=False, title="before -> after (%)")
+        for column in ("class", "clean", *attacks, "worst", "change"):
+            table.add_column(column, justify="left" if column == "class" else "right")
+
+        def pair(b: float | None, a: float | None) -> str:
+            # Compact "94.4->92.6" cells keep the table inside 80 columns.
+            shown = ["-" if v is None else f"{v * 100:.1f}" for v in (b, a)]
+            return "->".join(shown)
+
+        for c in doc["classes"]:
+            if c["n"] == 0:
+                continue
+            b, a = c["before"], c["after"]
+            cells = [c["name"], pair(b["clean"], a["clean"])]
+            cells += [pair(b["robust"][n], a["robust"][n]) for n in attacks]
+            cells.append(pair(b["robust"][WORST], a["robust"][WORST]))
+            cells.append(f"{(a['robust'][WORST] - b['robust'][WORST]) * 100:+.1f} pp")
+            table.add_row(*cells, style=None if c["passed"] else "bold red")
+        self.console.print(table)
+        before, after = doc["before"]["summary"], doc["after"]["summary"]
+        self.console.print(
+            f"worst class {before['worst_class']['name']} "
+            f"{_pct(before['worst_class']['robust_acc'])} -> {after['worst_class']['name']} "
+            f"{_pct(after['worst_class']['robust_acc'])}; class mean "
+            f"{_pct(before['mean_class_robust'][WORST])} -> "
+            f"{_pct(after['mean_class_robust'][WORST])}; clean {_pct(before['clean_acc'])} -> "
+            f"{_pct(after['clean_acc'])}"
+        )
+        kept = doc["kept"]
+        self.console.print(f"kept epoch {kept['epoch']} (highest {kept['criterion']}: "
+                           f"{kept['validation']['score']:.3f})")
+        if doc["calibration"] is not None:
+            bias = ", ".join(f"{v:+.2f}" for v in doc["calibration"]["bias"])
+            self.console.print(f"calibration: per-class logit bias [{bias}]")
+        model = doc["model"]
+        self.console.print(f"hardened model: {model['output']} ({model['format']}); class "
+                           f"weights: {model['class_weights']}")

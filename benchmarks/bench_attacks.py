@@ -1,0 +1,250 @@
+"""Attack engine benchmarks: cost, speed against torchattacks, strength against AutoAttack, memory.
+
+Run with ``make bench`` (or ``python benchmarks/bench_attacks.py [P1 P2 P3 MEM]``). Every figure
+is a ratio of two things measured side by side in this one run, on this machine. torchattacks is
+a benchmark-only dependency (``pip install torchattacks``), never a runtime one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "digits"
+EPS = 0.2
+STEPS = 20
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, "
+            f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+
+
+def digits() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    # The shipped weights in their plain nn.Module (torchattacks toggles eval(), which an
+    # exported program refuses).
+    sys.path.insert(0, str(DIGITS))
+    from train import DigitsCNN
+
+    model = DigitsCNN().eval()
+    model.load_state_dict(torch.export.load(DIGITS / "model.pt2").module().state_dict())
+    data = np.load(DIGITS / "test.npz")
+    return model, torch.from_numpy(data["x"]).float() / 255, torch.from_numpy(data["y"]).long()
+
+
+def timed(fn, repeat: int = 3) -> tuple[float, object]:
+    """Best of ``repeat`` runs (the least disturbed by the machine's other work)."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - started)
+    return best, out
+
+
+# -- P1: overhead of the engine over bare forward+backward passes ------------------------------
+
+def p1_overhead() -> dict[str, float]:
+    from torchvision.models import resnet18
+
+    from robaudit.attacks.pgd import PGD
+
+    torch.manual_seed(0)
+    cases = {"digits CNN, 540 x 1x8x8": digits()[:2]}
+    net = resnet18(num_classes=10).eval()
+    cases["ResNet-18, 64 x 3x32x32"] = (net, torch.rand(64, 3, 32, 32))
+    results = {}
+    for name, (model, x) in cases.items():
+        with torch.no_grad():
+            y = model(x).argmax(1)  # every example correct, and eps tiny: nothing breaks
+
+        def bare(model=model, x=x, y=y) -> None:
+            for _ in range(STEPS):
+                xa = x.clone().requires_grad_(True)
+                torch.autograd.grad(F.cross_entropy(model(xa), y), xa)
+            with torch.no_grad():
+                model(x)  # the final check of the last iterate, which PGD also pays
+
+        attack = PGD(1e-6, steps=STEPS)
+        seeds = torch.arange(len(x))
+        t_bare, _ = timed(bare)
+        t_pgd, out = timed(lambda a=attack, m=model, x=x, y=y, s=seeds: a(m, x, y, s))
+        assert not bool(out.broken.any())
+        results[name] = t_pgd / t_bare
+        print(f"P1 {name}: PGD-{STEPS} {t_pgd:.3f}s vs {STEPS} fwd+bwd {t_bare:.3f}s "
+              f"-> ratio {t_pgd / t_bare:.3f} (target <= 1.10)")
+    return results
+
+
+# -- P2: the default audit against torchattacks' PGD and T-PGD ----------------------------------
+
+class Tempered(torch.nn.Module):
+    """Logits divided by T: torchattacks' PGD on it is Temperature-PGD."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
+def robaudit_default(**overrides) -> tuple[float, dict]:
+    from robaudit.audit import scan
+    from robaudit.config import ScanConfig
+    from robaudit.reports.json import to_dict
+
+    config = ScanConfig(model=str(DIGITS / "model.pt2"), data=str(DIGITS / "test.npz"), eps=EPS,
+                        steps=STEPS, **overrides)
+    seconds, result = timed(lambda: scan(config), repeat=2)
+    return seconds, to_dict(result)
+
+
+def p2_torchattacks() -> dict[str, float]:
+    import torchattacks
+
+    model, x, y = digits()
+    alpha = 2.5 * EPS / STEPS
+
+    def reference() -> float:
+        robust = model(x).argmax(1) == y
+        for net in (model, Tempered(model, 0.5)):
+            attack = torchattacks.PGD(net, eps=EPS, alpha=alpha, steps=STEPS, random_start=True)
+            x_adv = attack(x, y)
+            with torch.no_grad():
+                robust &= model(x_adv).argmax(1) == y
+        return float(robust.float().mean())
+
+    torch.manual_seed(0)
+    t_ref, acc_ref = timed(reference, repeat=2)
+    t_ours, doc = robaudit_default()
+    acc_ours = doc["summary"]["robust_acc"]["worst"]
+    print(f"P2 default audit (pgd+tpgd, each mode, per-class outputs): robaudit {t_ours:.2f}s "
+          f"robust {acc_ours:.1%}; torchattacks PGD + T-PGD {t_ref:.2f}s robust {acc_ref:.1%} "
+          f"-> time ratio {t_ours / t_ref:.2f} (target <= 0.5), "
+          f"difference {abs(acc_ours - acc_ref) * 100:.1f} pp (target <= 1)")
+    t_wc, doc_wc = robaudit_default(mode="worst-case")
+    print(f"P2 same audit in worst-case mode: {t_wc:.2f}s robust "
+          f"{doc_wc['summary']['robust_acc']['worst']:.1%} -> time ratio {t_wc / t_ref:.2f}")
+    return {"time_ratio": t_ours / t_ref, "acc_diff_pp": abs(acc_ours - acc_ref) * 100,
+            "time_ratio_worst_case": t_wc / t_ref}
+
+
+# -- P3: strength against AutoAttack ------------------------------------------------------------
+
+def p3_autoattack() -> dict[str, float]:
+    import torchattacks
+
+    model, x, y = digits()
+    attack = torchattacks.AutoAttack(model, norm="Linf", eps=EPS, version="standard",
+                                     n_classes=10, seed=0)
+    started = time.perf_counter()
+    x_adv = attack(x, y)
+    t_aa = time.perf_counter() - started
+    with torch.no_grad():
+        acc_aa = float(((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)).float().mean())
+    rows = {}
+    for label, overrides in (("default", {}),
+                             ("halving + cw", {"schedule": "halving",
+                                               "attacks": ("pgd", "tpgd", "cw")}),
+                             ("halving + cw, 3 restarts", {"schedule": "halving",
+                                                           "attacks": ("pgd", "tpgd", "cw"),
+                                                           "restarts": 3,
+                                                           "mode": "worst-case"})):
+        t, doc = robaudit_default(**overrides)
+        acc = doc["summary"]["robust_acc"]["worst"]
+        rows[label] = (t, acc)
+        print(f"P3 robaudit {label}: {t:.2f}s robust {acc:.1%}; AutoAttack standard "
+              f"{t_aa:.1f}s robust {acc_aa:.1%} -> excess {(acc - acc_aa) * 100:+.1f} pp "
+              f"(target <= +1), time ratio {t / t_aa:.3f} (target <= 0.1)")
+    t, acc = rows["default"]
+    return {"excess_pp": (acc - acc_aa) * 100, "time_ratio": t / t_aa, "autoattack_acc": acc_aa,
+            "autoattack_s": t_aa}
+
+
+# -- Memory: streaming ----------------------------------------------------------------------------
+
+def _folder(root: Path, copies: int) -> Path:
+    from PIL import Image
+
+    data = np.load(DIGITS / "test.npz")
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+    for k in range(copies):
+        for i, (img, label) in enumerate(zip(data["x"], data["y"], strict=True)):
+            Image.fromarray(img[0]).save(root / str(label) / f"{k}_{i}.png")
+    return root
+
+
+def _peak_rss_mb(folder: Path) -> float:
+    code = (
+        "import resource, sys; from robaudit.cli import main; "
+        f"main(['scan', {str(DIGITS / 'model.pt2')!r}, '--data', {str(folder)!r}, "
+        "'--eps', '0.2', '--steps', '5', '--batch-size', '128', '-q']); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def memory() -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        small = _folder(Path(tmp) / "x1", 1)
+        large = _folder(Path(tmp) / "x10", 10)
+        rss_small, rss_large = _peak_rss_mb(small), _peak_rss_mb(large)
+    ratio = rss_large / rss_small
+    print(f"MEM peak RSS: 540 images {rss_small:.0f} MB, 5400 images {rss_large:.0f} MB "
+          f"-> ratio {ratio:.3f} (target <= 1.2)")
+    return {"ratio": ratio, "small_mb": rss_small, "large_mb": rss_large}
+
+
+# -- Distributed: torchrun with 2 gloo ranks against one process --------------------------------
+
+def distributed() -> dict[str, float]:
+    common = ["-m", "robaudit", "scan", str(DIGITS / "model.onnx"), "--data",
+              str(DIGITS / "test.npz"), "--config", str(DIGITS / "robaudit.toml"), "-q"]
+    runs = {"1 process": [sys.executable, *common],
+            "2 gloo ranks": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", *common]}
+    seconds = {}
+    for label, command in runs.items():
+        threads = "2" if label == "1 process" else "1"  # the same 2 cores in all
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        started = time.perf_counter()
+        subprocess.run(command, env=env, capture_output=True, check=False)
+        seconds[label] = time.perf_counter() - started
+    ratio = seconds["2 gloo ranks"] / seconds["1 process"]
+    print(f"DIST example scan wall time: 1 process {seconds['1 process']:.1f}s, 2 gloo ranks "
+          f"{seconds['2 gloo ranks']:.1f}s -> ratio {ratio:.2f} (same 2 cores, start-up included)")
+    return {"ratio": ratio, **seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("which", nargs="*", default=["P1", "P2", "P3", "MEM", "DIST"])
+    parser.add_argument("--json", help="Write the figures here.")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"machine: {machine()}")
+    benches = {"P1": p1_overhead, "P2": p2_torchattacks, "P3": p3_autoattack, "MEM": memory,
+               "DIST": distributed}
+    figures = {name: benches[name]() for name in args.which}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), **figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
