@@ -108,12 +108,11 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, json_p
     """Attack MODEL on a data set and judge each class's robust accuracy."""
     from robaudit.audit import scan as run_scan
     from robaudit.config import resolve_config
+    from robaudit.distributed import is_main_process
     from robaudit.reports import check_writable
     from robaudit.reports.json import exit_code, to_dict, without_images, write_json
     from robaudit.reports.junit import write_junit
     from robaudit.reports.terminal import TerminalReporter
-
-    from robaudit.distributed import is_main_process
 
     options["json"] = json_path
     config = resolve_config({"model": str(model), **options}, config_file=config_file)

@@ -56,7 +56,7 @@ def test_exit_2_and_a_partial_report_when_interrupted(tmp_path):
     assert proc.stderr is not None
     deadline = time.monotonic() + 60
     for line in proc.stderr:  # -v off a TTY logs one line per batch
-        if "attacking" in line and "/540" in line or time.monotonic() > deadline:
+        if ("attacking" in line and "/540" in line) or time.monotonic() > deadline:
             break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

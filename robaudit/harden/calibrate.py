@@ -79,7 +79,8 @@ def _logits(module: nn.Module, data: Split, scan: ScanConfig,
             bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean and PGD logits of the model with ``bias``, with the bias taken off again."""
     model = nn.Sequential(module, LogitBias(bias))
-    attack = PGD(scan.eps, steps=scan.steps, step_size=scan.step_size, restarts=scan.restarts)
+    attack = PGD(scan.eps, steps=scan.steps, step_size=scan.step_size, restarts=scan.restarts,
+                 schedule=scan.schedule)
     clean, adv = [], []
     was_training = module.training
     module.eval()

@@ -78,14 +78,16 @@ def write_model(loaded: LoadedModel, out: Path, example: torch.Tensor,
 
 
 def _with_head(module: nn.Module, head: LogitBias | None) -> nn.Module:
-    return module if head is None else nn.Sequential(module, head).eval()
+    # No .eval() here: a torch.export program module refuses train/eval toggling, and the bias
+    # layer behaves the same in both modes.
+    return module if head is None else nn.Sequential(module, head)
 
 
 def _write_onnx(core: nn.Module, source: Path, out: Path, x: torch.Tensor,
                 head: LogitBias | None) -> float:
     original = OrtRunner(source)
     fixed = core.batch_size if isinstance(core, FixedBatch) else None
-    final = _with_head(core.module if isinstance(core, FixedBatch) else core, head)
+    final = _with_head(core.module if isinstance(core, FixedBatch) else core, head).eval()
     example = x[:1].expand(fixed, *x.shape[1:]).contiguous() if fixed else x[:2]
     batch = torch.export.Dim("batch", min=1)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -189,7 +189,7 @@ def validate(module: nn.Module, data: Split, scan: ScanConfig,
     """
     model = module if bias is None else nn.Sequential(module, LogitBias(bias))
     attack = PGD(scan.eps, steps=scan.steps, step_size=scan.step_size, restarts=scan.restarts,
-                 name="pgd")
+                 schedule=scan.schedule, name="pgd")
     records = Records(attack_names=["pgd"])
     was_training = module.training
     module.eval()

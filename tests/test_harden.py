@@ -1,0 +1,220 @@
+"""robaudit harden: weighting schemes, calibration, checkpoints and resume, export and rescan."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DIGITS
+
+from robaudit.cli import main
+from robaudit.config import ScanConfig
+from robaudit.errors import ConfigError, UsageError
+from robaudit.harden import HardenConfig
+from robaudit.harden.calibrate import _search
+from robaudit.harden.checkpoint import load_checkpoint
+from robaudit.harden.reweight import Feedback, make_scheme
+
+# Small and quick: 10 examples per class, 3 attack steps, PGD only.
+FAST = ["--per-class", "10", "--steps", "3", "--attacks", "pgd", "--train-steps", "2",
+        "--train-batch-size", "16", "--config", str(DIGITS / "robaudit.toml")]
+
+
+def harden_args(model: str, out: Path, *extra: str) -> list[str]:
+    return ["harden", str(DIGITS / model), "--data", str(DIGITS / "train.npz"),
+            "--val-data", str(DIGITS / "test.npz"), "--out", str(out), *FAST, *extra]
+
+
+def config(**overrides: object) -> HardenConfig:
+    scan = ScanConfig(model=str(DIGITS / "model.onnx"), data=str(DIGITS / "test.npz"), eps=0.2)
+    values: dict[str, object] = {"scan": scan, "train_data": str(DIGITS / "train.npz"),
+                                 "out": "hardened.onnx", **overrides}
+    return HardenConfig(**values)  # type: ignore[arg-type]
+
+
+# --- weighting schemes ---------------------------------------------------------------------
+
+
+def test_frl_weights_follow_the_lagrangian_of_the_class_gaps():
+    scheme = make_scheme(config(reweight="frl", frl_rate=0.5, frl_tau=0.05), 2)
+    # Class 1: clean 0.9 (error 0.1, mean 0.05), robust 0.3 (boundary error 0.6, mean 0.35).
+    scheme.update(Feedback(val_clean=[1.0, 0.9], val_robust=[0.9, 0.3]))
+    assert scheme.state["phi_nat"] == pytest.approx([0.0, 0.5 * (0.1 - 0.05 - 0.05)])
+    assert scheme.state["phi_bndy"] == pytest.approx([0.0, 0.5 * (0.6 - 0.35 - 0.05)])
+    s = scheme.settings()
+    # K * (1/K + phi_i - mean phi): phi_bndy = (0, 0.1) gives 1 -/+ 0.1.
+    assert s.bndy_weight == pytest.approx([0.9, 1.1])
+    assert s.nat_weight == pytest.approx([1.0, 1.0])
+    assert s.eps == [0.2, 0.2]  # Remargin only with class_eps
+
+
+def test_frl_multipliers_stay_on_the_simplex_and_remargin_grows_eps():
+    scheme = make_scheme(config(reweight="frl", frl_rate=5.0, frl_limit=0.8, class_eps=True), 2)
+    scheme.update(Feedback(val_clean=[1.0, 1.0], val_robust=[1.0, 0.0]))
+    assert sum(scheme.state["phi_bndy"]) == pytest.approx(0.8)
+    s = scheme.settings()
+    assert min(s.bndy_weight) > 0
+    assert s.eps[0] == pytest.approx(0.2) and s.eps[1] == pytest.approx(0.4)  # capped at 2 eps
+
+
+def test_cfa_calibrates_eps_and_beta_by_training_robust_accuracy():
+    scheme = make_scheme(config(reweight="cfa", objective="trades", beta=6.0), 2)
+    first = scheme.settings()
+    assert first.eps == [0.2, 0.2] and first.beta == [6.0, 6.0]
+    scheme.update(Feedback([1.0, 1.0], [0.5, 0.5], train_robust=[0.7, 0.2]))
+    s = scheme.settings()
+    assert s.eps == pytest.approx([(0.3 + 0.7) * 0.2, (0.3 + 0.2) * 0.2])  # λ1 = 0.3 (TRADES)
+    assert s.beta == pytest.approx([(0.5 + 0.7) * 6.0, (0.5 + 0.2) * 6.0])
+
+
+def test_inverse_weights_are_proportional_to_robust_error():
+    scheme = make_scheme(config(reweight="inverse"), 3)
+    scheme.update(Feedback([1.0] * 3, [0.8, 0.6, 0.4]))
+    assert scheme.settings().nat_weight == pytest.approx([0.5, 1.0, 1.5])
+
+
+def test_none_is_uniform():
+    scheme = make_scheme(config(reweight="none"), 2)
+    scheme.update(Feedback([1.0, 0.5], [0.9, 0.1], [0.9, 0.1]))
+    s = scheme.settings()
+    assert s.nat_weight == s.bndy_weight == [1.0, 1.0] and s.eps == [0.2, 0.2]
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({"reweight": "fair"}, "reweight must be one of"),
+    ({"epochs": 0}, "without --calibrate"),
+    ({"reweight": "none", "class_eps": True}, "--class-eps applies"),
+    ({"out": "hardened.pt2"}, "keep the input's format"),
+])
+def test_bad_settings_are_config_errors(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        config(**overrides)
+
+
+# --- calibration ---------------------------------------------------------------------------
+
+
+def test_calibration_search_lifts_the_worst_class_within_the_clean_cap():
+    # Class 1's adversarial logits lose by 0.3; a bias of +0.5 on class 1 wins them back while
+    # every clean example keeps its label (class 0 leads by 2 when clean and under attack).
+    y = torch.tensor([0, 0, 1, 1])
+    clean = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    adv = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.3, 0.0], [0.3, 0.0]])
+    bias = _search(clean, adv, y, torch.zeros(2), floor=1.0)
+    assert float(bias[1] - bias[0]) > 0.3 and float(bias[1] - bias[0]) < 2.0
+
+
+def test_calibration_never_trades_more_clean_accuracy_than_allowed():
+    y = torch.tensor([0, 1])
+    clean = torch.tensor([[1.0, 0.0], [0.0, 0.1]])  # class 1 wins by only 0.1 when clean
+    adv = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # class 1 needs +1 to survive the attack
+    # Any bias raising class 1 by more than 1 breaks class 0's clean example: cap forbids it.
+    bias = _search(clean, adv, y, torch.zeros(2), floor=1.0)
+    clean_ok = ((clean + bias).argmax(1) == y).all()
+    assert bool(clean_ok)
+
+
+# --- end to end ----------------------------------------------------------------------------
+
+
+def test_hardened_onnx_scans_with_runtime_figures_matching_torch(tmp_path, capsys):
+    out = tmp_path / "hardened.onnx"
+    report = tmp_path / "harden.json"
+    code = main(harden_args("model.onnx", out, "--epochs", "1", "--reweight", "frl",
+                            "--calibrate", "--json", str(report),
+                            "--html", str(tmp_path / "harden.html")))
+    printed = capsys.readouterr().out
+    doc = json.loads(report.read_text())
+    assert code == doc["verdict"]["exit_code"] and code in (0, 1)
+    assert "before -> after" in printed and "kept epoch" in printed
+    assert doc["kept"]["criterion"].startswith("mean + worst-class")
+    assert doc["model"]["runtime_max_abs_diff"] < 1e-4
+    assert (tmp_path / "harden.html").is_file() and (tmp_path / "harden.before.html").is_file()
+    weights = json.loads((tmp_path / "hardened.class-weights.json").read_text())
+    assert weights["reweight"] == "frl" and len(weights["epochs"]) == 1
+    assert len(weights["calibration_bias"]) == 10
+    # The checkpoint holds only tensors and plain data.
+    state = torch.load(tmp_path / "hardened.onnx.ckpt", weights_only=True)
+    assert state["epoch"] == 1
+
+    scan_report = tmp_path / "scan.json"
+    main(["scan", str(out), "--data", str(DIGITS / "test.npz"), "--per-class", "10",
+          "--steps", "3", "--attacks", "pgd", "--config", str(DIGITS / "robaudit.toml"),
+          "--json", str(scan_report)])
+    summary = json.loads(scan_report.read_text())["summary"]
+    assert summary["runtime_robust_acc"] == pytest.approx(summary["robust_acc"]["worst"])
+    assert summary["runtime_clean_acc"] == pytest.approx(summary["clean_acc"])
+
+
+def test_calibration_alone_with_zero_epochs(tmp_path):
+    out = tmp_path / "calibrated.pt2"
+    code = main(harden_args("model.pt2", out, "--epochs", "0", "--calibrate",
+                            "--json", str(tmp_path / "h.json")))
+    doc = json.loads((tmp_path / "h.json").read_text())
+    assert code in (0, 1) and doc["kept"]["epoch"] == 0
+    cal = doc["calibration"]
+    assert cal["after"]["worst_robust"] >= cal["before"]["worst_robust"]
+    assert cal["after"]["clean_acc"] >= cal["before"]["clean_acc"] - 0.01 - 1e-9
+    # The bias is a layer of the written program: the rescanned model includes it.
+    program = torch.export.load(out).module()
+    assert program(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+
+def _tensors(state: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested checkpoint, by path."""
+    found: dict[str, torch.Tensor] = {}
+    if isinstance(state, torch.Tensor):
+        found[prefix] = state
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            found.update(_tensors(v, f"{prefix}/{k}"))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            found.update(_tensors(v, f"{prefix}/{i}"))
+    return found
+
+
+def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
+    args = ["--epochs", "3", "--reweight", "cfa"]
+    killed = tmp_path / "killed.pt2"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robaudit", *harden_args("model.pt2", killed, *args, "-v")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "2"},
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # -v off a TTY logs a line per training batch
+        if "training epoch 2/3 batch 1/" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoint = Path(f"{killed}.ckpt")
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1  # killed during epoch 2
+    assert not killed.exists()
+
+    assert main(harden_args("model.pt2", killed, *args, "--resume")) in (0, 1)
+    straight = tmp_path / "straight.pt2"
+    assert main(harden_args("model.pt2", straight, *args)) in (0, 1)
+
+    resumed = _tensors(torch.load(checkpoint, weights_only=True))
+    reference = _tensors(torch.load(f"{straight}.ckpt", weights_only=True))
+    assert resumed.keys() == reference.keys() and any(k.startswith("/model") for k in resumed)
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key
+    a = torch.export.load(killed).module().state_dict()
+    b = torch.export.load(straight).module().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    cfg = config(out=str(tmp_path / "h.onnx"))
+    with pytest.raises(UsageError, match="no checkpoint"):
+        load_checkpoint(cfg.checkpoint_path, {"reweight": "frl"})
