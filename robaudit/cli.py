@@ -38,6 +38,18 @@ def _verbosity(verbose: int, quiet: int) -> int:
     return max(-1, min(1, verbose - quiet))
 
 
+def _reporter_for(*outputs: str | None, verbose: int, quiet: int) -> Any:
+    """The terminal reporter, once every output file is known to be writable: a long run must
+    not fail at its end on a path it could have refused at its start."""
+    from robaudit.reports import check_writable
+    from robaudit.reports.terminal import TerminalReporter
+
+    for path in outputs:
+        if path is not None:
+            check_writable(path)
+    return TerminalReporter(_verbosity(verbose, quiet))
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--data", help="A .npz/.pt file, an image folder, or a data set name "
@@ -69,13 +81,14 @@ def _verbosity(verbose: int, quiet: int) -> int:
               "attacks only on examples earlier ones did not break (faster).  [default: each]")
 @click.option("--schedule", type=click.Choice(["fixed", "halving"]),
               help="Step size: fixed 2.5*eps/steps, or from 2*eps halved when the loss stalls "
-              "(APGD).  [default: fixed]")
+              "(APGD).  [default: halving]")
 @click.option("--steps", type=int, help="Attack iterations.  [default: 20]")
-@click.option("--step-size", help="Step size.  [default: 2.5*eps/steps]")
+@click.option("--step-size", help="Step size (the first one, with halving).  [default: 2*eps "
+              "with halving, 2.5*eps/steps with fixed]")
 @click.option("--restarts", type=int, help="Random restarts (only still-robust examples "
               "are attacked again).  [default: 1]")
 @click.option("--temperatures", help="T-PGD softmax temperatures; the worst case over them "
-              "counts.  [default: 0.5]")
+              "counts.  [default: 0.2]")
 @click.option("--seed", type=int, help="Seed for sampling and random starts.  [default: 0]")
 @click.option("--batch-size", type=int, help="Examples per batch.  [default: 256]")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
@@ -109,20 +122,15 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, json_p
     from robaudit.audit import scan as run_scan
     from robaudit.config import resolve_config
     from robaudit.distributed import is_main_process
-    from robaudit.reports import check_writable
     from robaudit.reports.json import exit_code, to_dict, without_images, write_json
     from robaudit.reports.junit import write_junit
-    from robaudit.reports.terminal import TerminalReporter
 
     options["json"] = json_path
     config = resolve_config({"model": str(model), **options}, config_file=config_file)
     if not is_main_process():
         # Under torchrun the other ranks attack their shards and stay silent: rank 0 reports.
         return exit_code(run_scan(config))
-    for path in (config.json, config.junit, config.html):
-        if path is not None:
-            check_writable(path)
-    reporter = TerminalReporter(_verbosity(verbose, quiet))
+    reporter = _reporter_for(config.json, config.junit, config.html, verbose=verbose, quiet=quiet)
     with reporter.progress() as progress:
         result = run_scan(config, progress=progress)
     doc = to_dict(result)
@@ -283,9 +291,7 @@ def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs:
     from robaudit.config import resolve_config
     from robaudit.harden import HardenConfig, to_dict
     from robaudit.harden import harden as run_harden
-    from robaudit.reports import check_writable
     from robaudit.reports.json import write_json
-    from robaudit.reports.terminal import TerminalReporter
 
     options["data"] = val_data
     scan_config = resolve_config({"model": str(model), **options}, config_file=config_file)
@@ -298,10 +304,7 @@ def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs:
         resume=resume, calibrate=calibrate, max_clean_drop=max_clean_drop, json=json_path,
         html=html,
     )
-    for path in (out, json_path, html):
-        if path is not None:
-            check_writable(path)
-    reporter = TerminalReporter(_verbosity(verbose, quiet))
+    reporter = _reporter_for(out, json_path, html, verbose=verbose, quiet=quiet)
     with reporter.harden_progress() as progress:
         result = run_harden(config, progress=progress)
     doc = to_dict(result)

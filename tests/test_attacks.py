@@ -149,3 +149,15 @@ def test_margins():
     y = torch.tensor([0, 0])
     assert margin(logits, y).tolist() == [1.0, -2.5]
     assert cw_margin(logits, y).tolist() == [-1.0, 2.5]
+
+
+def test_the_user_seed_changes_every_random_start():
+    from robaudit.attacks.base import uniform_noise
+
+    x = torch.zeros(1, 4, 4)
+    for index in (0, 7):
+        a = uniform_noise(x, index, 0)
+        assert not torch.equal(a, uniform_noise(x, index + (1 << 32), 0))  # another --seed
+        assert not torch.equal(a, uniform_noise(x, index, 1))  # another restart
+        assert torch.equal(a, uniform_noise(x, index, 0))
+        assert float(a.abs().max()) <= 1.0

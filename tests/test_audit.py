@@ -35,7 +35,7 @@ def digits_pgd_result():
     from conftest import DIGITS
 
     config = ScanConfig(model=str(DIGITS / "model.pt2"), data=str(DIGITS / "test.npz"),
-                        attacks=("pgd",), eps=0.2, steps=20)
+                        attacks=("pgd",), eps=0.2, steps=20, schedule="fixed")
     return scan(config)
 
 

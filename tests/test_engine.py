@@ -124,3 +124,16 @@ def test_png_encoder_round_trips():
     for image in (rgb, grey):
         decoded = np.array(Image.open(io.BytesIO(encode_png(image))))
         assert decoded.shape == image.shape and (decoded == image).all()
+
+
+def test_a_stalled_loss_halves_the_step_size_at_each_checkpoint():
+    from conftest import Constant
+
+    engine = Engine(Constant(torch.tensor([1.0, 0.0])), 1)
+    engine.add(Job(0, torch.full((1, 4, 4), 0.5), 0, 0, PGD(0.1, steps=20, schedule="halving")))
+    alphas = []
+    for _ in range(12):
+        engine.step()
+        alphas.append(round(float(engine.alpha[0]), 6))
+    # Checkpoints of 20 steps are after 5, 9, 12, ... steps; the loss never rises.
+    assert alphas == [0.2] * 5 + [0.1] * 4 + [0.05] * 3

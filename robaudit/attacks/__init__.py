@@ -22,8 +22,8 @@ class AttackSettings:
     steps: int = 20
     step_size: float | None = None
     restarts: int = 1
-    temperatures: tuple[float, ...] = (0.5,)
-    schedule: str = "fixed"
+    temperatures: tuple[float, ...] = (0.2,)
+    schedule: str = "halving"
 
 
 def _fgsm(s: AttackSettings) -> PGD:

@@ -44,11 +44,20 @@ class AttackOutcome:
         return cls(x.clone(), zeros.bool(), logits.clone(), zeros, zeros.bool())
 
 
+def _mix(value: int) -> int:
+    """SplitMix64: every bit of ``value`` reaches the low 32 bits, which are all that
+    torch's CPU generator (a Mersenne Twister) takes from its seed."""
+    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
+
+
 def uniform_noise(x: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
     """Noise uniform in [-1, 1] shaped like one example, from that example's own generator.
 
-    Seeding per example (from its data set index) and per run makes a result independent of
-    batch size, batch order and sharding across processes.
+    Seeding per example (from its data set index and the user's seed) and per run makes a result
+    independent of batch size, batch order and sharding across processes.
     """
-    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + stream) % (2**63 - 1))
+    generator = torch.Generator().manual_seed(_mix(_mix(int(seed)) ^ int(stream)) >> 1)
     return torch.empty(x.shape).uniform_(-1.0, 1.0, generator=generator)

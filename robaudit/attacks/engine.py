@@ -55,7 +55,17 @@ class Engine:
         self.batch_size = batch_size
         self.amp = amp
         self.jobs: list[Job | None] = [None] * batch_size
+        # Free slots as a stack (lowest slot on top): O(1) to take and to give back.
+        self._free = list(range(batch_size - 1, -1, -1))
         self._shape: tuple[int, ...] | None = None
+        # Losses and attack names seen so far, numbered, so that per-slot choices are tensors.
+        self._loss_ids: dict[int, int] = {}
+        self._loss_fns: list[Loss] = []
+        self._names: list[str] = []
+        # Per attack object (by number): steps since the previous APGD checkpoint, at each step
+        # that is one (0 elsewhere), so that the schedule is decided for all slots at once.
+        self._attacks: list[PGD] = []
+        self._checkpoints = torch.zeros((0, 1), dtype=torch.long)
         #: Seconds spent per attack name (forward, backward and update, shared by slot count).
         self.seconds: dict[str, float] = {}
 
@@ -74,9 +84,13 @@ class Engine:
         self.alpha = torch.zeros(b, device=device)
         self.step_no = torch.zeros(b, dtype=torch.long, device=device)
         self.steps = torch.zeros(b, dtype=torch.long, device=device)
+        self.loss_id = torch.zeros(b, dtype=torch.long, device=device)
+        self.name_id = torch.zeros(b, dtype=torch.long, device=device)
+        self.halving = torch.zeros(b, dtype=torch.bool, device=device)
+        self.attack_id = torch.zeros(b, dtype=torch.long, device=device)
+        self.forwards = torch.zeros(b, dtype=torch.long, device=device)
+        self.bad = torch.zeros(b, dtype=torch.bool, device=device)
         self.run = [0] * b
-        self.forwards = [0] * b
-        self.bad = [False] * b
         # Step-size halving (APGD's schedule): best loss so far and its iterate, and how many
         # steps since the last checkpoint raised the loss.
         self.best_loss = torch.full((b,), -float("inf"), device=device)
@@ -88,59 +102,109 @@ class Engine:
 
     @property
     def free(self) -> int:
-        return sum(job is None for job in self.jobs)
+        return len(self._free)
 
     @property
     def busy(self) -> bool:
-        return any(job is not None for job in self.jobs)
+        return len(self._free) < self.batch_size
 
     def add(self, job: Job) -> None:
         """Put a job in a free slot; it starts at its first run's starting point."""
-        slot = self.jobs.index(None)
-        if self._shape is None:
-            self._allocate(job.x)
-        elif tuple(job.x.shape) != self._shape:
-            raise ValueError(f"job input shape {tuple(job.x.shape)} != {self._shape}")
-        self.jobs[slot] = job
-        self.x0[slot] = job.x
-        self.y[slot] = job.y
-        self.eps[slot] = job.attack.eps
-        self.steps[slot] = job.attack.steps
-        self.best_margin[slot] = float("inf")
-        self.run[slot] = 0
-        self.forwards[slot] = 0
-        self.bad[slot] = False
-        self._start_run(slot)
+        self.add_many([job])
 
-    def _start_run(self, slot: int) -> None:
-        job = self.jobs[slot]
-        assert job is not None
-        attack = job.attack
-        x0 = self.x0[slot]
-        if attack.random_start:
-            noise = uniform_noise(x0, job.seed, self.run[slot]).to(x0.device)
-            self.cur[slot] = (x0 + attack.eps * noise).clamp(0.0, 1.0)
-        else:
-            self.cur[slot] = x0
-        self.step_no[slot] = 0
-        self.alpha[slot] = attack.initial_step_size
-        self.best_loss[slot] = -float("inf")
-        self.best_loss_x[slot] = self.cur[slot]
-        self.gains[slot] = 0
-        self.last_loss[slot] = -float("inf")
-        self.checkpoint_best[slot] = -float("inf")
-        self.checkpoint_reduced[slot] = False
+    def add_many(self, jobs: Sequence[Job]) -> None:
+        """Put several jobs in free slots at once (one tensor write per field, not per job)."""
+        if not jobs:
+            return
+        if len(jobs) > len(self._free):
+            raise ValueError(f"{len(jobs)} jobs for {len(self._free)} free slots")
+        if self._shape is None:
+            self._allocate(jobs[0].x)
+        for job in jobs:
+            if tuple(job.x.shape) != self._shape:
+                raise ValueError(f"job input shape {tuple(job.x.shape)} != {self._shape}")
+        slots = [self._free.pop() for _ in jobs]
+        for slot, job in zip(slots, jobs, strict=True):
+            self.jobs[slot] = job
+            self.run[slot] = 0
+            if job.attack.name not in self._names:
+                self._names.append(job.attack.name)
+            if not any(job.attack is a for a in self._attacks):
+                self._register(job.attack)
+        at = torch.tensor(slots, device=self.x0.device)
+        device = self.x0.device
+        self.x0[at] = torch.stack([job.x for job in jobs]).to(device)
+        self.y[at] = torch.tensor([job.y for job in jobs], device=device)
+        self.eps[at] = torch.tensor([job.attack.eps for job in jobs], device=device)
+        self.steps[at] = torch.tensor([job.attack.steps for job in jobs], device=device)
+        self.halving[at] = torch.tensor([job.attack.schedule == "halving" for job in jobs],
+                                        device=device)
+        self.name_id[at] = torch.tensor([self._names.index(job.attack.name) for job in jobs],
+                                        device=device)
+        self.attack_id[at] = torch.tensor(
+            [next(k for k, a in enumerate(self._attacks) if a is job.attack) for job in jobs],
+            device=device)
+        self.best_margin[at] = float("inf")
+        self.forwards[at] = 0
+        self.bad[at] = False
+        self._start_runs(slots)
+
+    def _register(self, attack: PGD) -> None:
+        self._attacks.append(attack)
+        width = max(a.steps for a in self._attacks) + 1
+        table = torch.zeros((len(self._attacks), width), dtype=torch.long)
+        for k, a in enumerate(self._attacks):
+            if a.schedule == "halving":
+                for step in range(a.steps + 1):
+                    table[k, step] = a.checkpoint_interval(step) or 0
+        self._checkpoints = table.to(self.x0.device)
+
+    def _start_runs(self, slots: Sequence[int]) -> None:
+        """Each slot's current run begins: a random start (or the clean input), a fresh step."""
+        device = self.x0.device
+        at = torch.tensor(slots, device=device)
+        jobs = [self.jobs[i] for i in slots]
+        starts = self.x0[at].clone()
+        noisy = [j for j, job in enumerate(jobs) if job is not None and job.attack.random_start]
+        if noisy:
+            # Each attack draws its own starts: a union of attacks from one shared start per
+            # example would explore less than independent ones (and be measurably weaker).
+            noise = torch.stack([
+                uniform_noise(starts[j], jobs[j].seed,  # type: ignore[union-attr]
+                              jobs[j].attack.stream + self.run[slots[j]])  # type: ignore[union-attr]
+                for j in noisy]).to(device)
+            eps = self.eps[at[noisy]].view((-1,) + (1,) * (noise.dim() - 1))
+            starts[noisy] = (starts[noisy] + eps * noise).clamp(0.0, 1.0)
+        self.cur[at] = starts
+        self.best_loss_x[at] = starts
+        ids, alphas = [], []
+        for slot, job in zip(slots, jobs, strict=True):
+            assert job is not None
+            loss_fn = job.attack.loss_of_run(self.run[slot])
+            if id(loss_fn) not in self._loss_ids:
+                self._loss_ids[id(loss_fn)] = len(self._loss_fns)
+                self._loss_fns.append(loss_fn)
+            ids.append(self._loss_ids[id(loss_fn)])
+            alphas.append(job.attack.initial_step_size)
+        self.loss_id[at] = torch.tensor(ids, device=device)
+        self.alpha[at] = torch.tensor(alphas, device=device, dtype=self.alpha.dtype)
+        self.step_no[at] = 0
+        self.best_loss[at] = -float("inf")
+        self.gains[at] = 0
+        self.last_loss[at] = -float("inf")
+        self.checkpoint_best[at] = -float("inf")
+        self.checkpoint_reduced[at] = False
 
     # -- one iteration ------------------------------------------------------------------------
 
     def step(self) -> list[Finished]:
         """One forward and backward pass over the occupied slots; returns the jobs that ended."""
-        occupied = [i for i, job in enumerate(self.jobs) if job is not None]
-        if not occupied:
+        if not self.busy:
             return []
         started = time.perf_counter()
+        free = set(self._free)
+        occupied = [i for i in range(self.batch_size) if i not in free]
         slots = torch.tensor(occupied, device=self.x0.device)
-        jobs = [self.jobs[i] for i in occupied]
         y = self.y[slots]
         xa = self.cur[slots].detach().requires_grad_(True)
         autocast = (
@@ -152,8 +216,7 @@ class Engine:
         logits = logits.float()
         if self.best_logits is None:
             self.best_logits = logits.new_zeros((self.batch_size, logits.shape[1]))
-        for i in occupied:
-            self.forwards[i] += 1
+        self.forwards[slots] += 1
 
         detached = logits.detach()
         margins = margin(detached, y)
@@ -167,104 +230,91 @@ class Engine:
         at_end = self.step_no[slots] >= self.steps[slots]
         moving = ~wrong & ~at_end
         if bool(moving.any()):
-            self._update(xa, logits, y, slots, jobs, moving)
+            self._update(xa, logits, y, slots, moving)
 
         finished: list[Finished] = []
-        wrong_list, end_list = wrong.tolist(), at_end.tolist()
-        for j, i in enumerate(occupied):
-            job = jobs[j]
+        restarting: list[int] = []
+        # Only the slots that end (broken, or out of steps) need Python-level work.
+        wrong_list = wrong.tolist()
+        for j in (wrong | at_end).nonzero().squeeze(1).tolist():
+            i = occupied[j]
+            job = self.jobs[i]
             assert job is not None
             if wrong_list[j]:
                 finished.append(self._finish(i, xa.detach()[j], detached[j], broken=True))
-            elif end_list[j]:
-                if self.run[i] + 1 < job.attack.runs:
-                    self.run[i] += 1
-                    self._start_run(i)
-                else:
-                    assert self.best_logits is not None
-                    finished.append(
-                        self._finish(i, self.best_x[i].clone(), self.best_logits[i].clone(),
-                                     broken=False)
-                    )
-        self._account(jobs, time.perf_counter() - started)
+            elif self.run[i] + 1 < job.attack.runs:
+                self.run[i] += 1
+                restarting.append(i)
+            else:
+                finished.append(self._finish(i, self.best_x[i].clone(),
+                                             self.best_logits[i].clone(), broken=False))
+        if restarting:
+            self._start_runs(restarting)
+        self._account(slots, time.perf_counter() - started)
         return finished
 
     def _update(self, xa: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
-                slots: torch.Tensor, jobs: Sequence[Job | None], moving: torch.Tensor) -> None:
+                slots: torch.Tensor, moving: torch.Tensor) -> None:
         """The signed-gradient step of every slot that goes on, each with its own loss."""
-        losses = torch.zeros(len(jobs), device=logits.device)
-        by_loss: dict[int, tuple[Loss, list[int]]] = {}
-        slot_list = slots.tolist()
-        for j, go in enumerate(moving.tolist()):
-            job = jobs[j]
-            if go and job is not None:
-                loss_fn = job.attack.loss_of_run(self.run[slot_list[j]])
-                by_loss.setdefault(id(loss_fn), (loss_fn, []))[1].append(j)
-        for loss_fn, members in by_loss.values():
-            index = torch.tensor(members, device=logits.device)
-            losses = losses.index_put((index,), loss_fn(logits[index], y[index]).float())
-        (grad,) = torch.autograd.grad(losses.sum(), xa)
-        grad = grad.float()
-
         move = moving.nonzero().squeeze(1)
         at = slots[move]
-        g = grad[move]
+        loss_ids = self.loss_id[at]
+        losses = torch.zeros(len(slots), device=logits.device)
+        for lid in torch.unique(loss_ids).tolist():
+            members = move[loss_ids == lid]
+            losses = losses.index_put((members,),
+                                      self._loss_fns[lid](logits[members], y[members]).float())
+        (grad,) = torch.autograd.grad(losses.sum(), xa)
+        g = grad[move].float()
         flat = g.flatten(1)
         healthy = torch.isfinite(flat).all(dim=1) & (flat.abs().amax(dim=1) > 0)
-        for j in (~healthy).nonzero().squeeze(1).tolist():
-            self.bad[int(at[j])] = True
+        self.bad[at[~healthy]] = True
         direction = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).sign()
 
         x_now = xa.detach()[move]
-        loss_now = losses.detach()[move]
-        back_to_best = self._schedule(at, jobs, move, x_now, loss_now)
+        back_to_best = self._schedule(at, x_now, losses.detach()[move])
 
         view = (-1,) + (1,) * (x_now.dim() - 1)
-        start = torch.where(back_to_best.view(view), self.best_loss_x[at], x_now)
+        start = x_now if back_to_best is None else torch.where(
+            back_to_best.view(view), self.best_loss_x[at], x_now)
         moved = start + self.alpha[at].view(view) * direction
         x0, eps = self.x0[at], self.eps[at].view(view)
         moved = torch.maximum(torch.minimum(moved, x0 + eps), x0 - eps).clamp(0.0, 1.0)
         self.cur[at] = moved
         self.step_no[at] += 1
 
-    def _schedule(self, at: torch.Tensor, jobs: Sequence[Job | None], move: torch.Tensor,
-                  x_now: torch.Tensor, loss_now: torch.Tensor) -> torch.Tensor:
+    def _schedule(self, at: torch.Tensor, x_now: torch.Tensor,
+                  loss_now: torch.Tensor) -> torch.Tensor | None:
         """Track the best loss; at APGD's checkpoints halve a stalled step size.
 
-        Returns which slots go back to their best point before stepping (those just halved).
+        Returns which slots go back to their best point before stepping (those just halved),
+        or None when no slot uses the halving schedule.
         """
+        halving = self.halving[at]
+        if not bool(halving.any()):
+            return None
         back_to_best = torch.zeros(len(at), dtype=torch.bool, device=at.device)
-        halving = [jobs[j] is not None and jobs[j].attack.schedule == "halving"  # type: ignore[union-attr]
-                   for j in move.tolist()]
-        if not any(halving):
-            return back_to_best
         rose = loss_now > self.last_loss[at]
         self.gains[at] += rose.long()
         self.last_loss[at] = loss_now
         improved = loss_now > self.best_loss[at]
         self.best_loss[at] = torch.where(improved, loss_now, self.best_loss[at])
         self.best_loss_x[at[improved]] = x_now[improved]
-        for j, i in enumerate(at.tolist()):
-            job = jobs[int(move[j])]
-            if not halving[j] or job is None:
-                continue
-            attack = job.attack
-            step = int(self.step_no[i])
-            interval = attack.checkpoint_interval(step)
-            if interval is None:
-                continue
-            # Halve when fewer than 75% of the steps since the last checkpoint raised the loss,
-            # or when the last checkpoint did not halve and the best loss has not moved.
-            stalled = int(self.gains[i]) < 0.75 * interval
-            flat = (not bool(self.checkpoint_reduced[i])
-                    and float(self.best_loss[i]) <= float(self.checkpoint_best[i]))
-            reduce = stalled or flat
-            if reduce:
-                self.alpha[i] = self.alpha[i] / 2
-                back_to_best[j] = True
-            self.checkpoint_reduced[i] = reduce
-            self.checkpoint_best[i] = self.best_loss[i]
-            self.gains[i] = 0
+        interval = self._checkpoints[self.attack_id[at], self.step_no[at]]
+        at_checkpoint = halving & (interval > 0)
+        if not bool(at_checkpoint.any()):
+            return back_to_best
+        cp = at[at_checkpoint]
+        # Halve when fewer than 75% of the steps since the last checkpoint raised the loss, or
+        # when the last checkpoint did not halve and the best loss has not moved since.
+        stalled = self.gains[cp] < 0.75 * interval[at_checkpoint]
+        flat = ~self.checkpoint_reduced[cp] & (self.best_loss[cp] <= self.checkpoint_best[cp])
+        reduce = stalled | flat
+        self.alpha[cp] = torch.where(reduce, self.alpha[cp] / 2, self.alpha[cp])
+        back_to_best[at_checkpoint] = reduce
+        self.checkpoint_reduced[cp] = reduce
+        self.checkpoint_best[cp] = self.best_loss[cp]
+        self.gains[cp] = 0
         return back_to_best
 
     def _finish(self, slot: int, x_adv: torch.Tensor, logits: torch.Tensor, *,
@@ -272,13 +322,14 @@ class Engine:
         job = self.jobs[slot]
         assert job is not None
         self.jobs[slot] = None
-        return Finished(job.key, x_adv, logits, broken, self.forwards[slot], self.bad[slot])
+        self._free.append(slot)
+        return Finished(job.key, x_adv, logits, broken, int(self.forwards[slot]),
+                        bool(self.bad[slot]))
 
-    def _account(self, jobs: Sequence[Job | None], seconds: float) -> None:
-        share = seconds / len(jobs)
-        for job in jobs:
-            assert job is not None
-            self.seconds[job.attack.name] = self.seconds.get(job.attack.name, 0.0) + share
+    def _account(self, slots: torch.Tensor, seconds: float) -> None:
+        counts = torch.bincount(self.name_id[slots], minlength=len(self._names)).tolist()
+        for name, count in zip(self._names, counts, strict=True):
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds * count / len(slots)
 
 
 def run_jobs(model: Model, jobs: Iterable[Job], batch_size: int, *,
@@ -289,12 +340,14 @@ def run_jobs(model: Model, jobs: Iterable[Job], batch_size: int, *,
     results: dict[Hashable, Finished] = {}
     exhausted = False
     while True:
-        while not exhausted and engine.free:
+        batch: list[Job] = []
+        while not exhausted and len(batch) < engine.free:
             job = next(pending, None)
             if job is None:
                 exhausted = True
                 break
-            engine.add(job)
+            batch.append(job)
+        engine.add_many(batch)
         if not engine.busy:
             return results
         for done in engine.step():
@@ -322,15 +375,16 @@ def outcome_of(x: torch.Tensor, clean_logits: torch.Tensor,
                results: dict[Hashable, Finished], keys: Sequence[Hashable | None]) -> AttackOutcome:
     """Assemble per-example results (``None`` key: not attacked) into one batch outcome."""
     outcome = AttackOutcome.unbroken(x, clean_logits)
-    for i, key in enumerate(keys):
-        if key is None:
-            continue
-        done = results[key]
-        outcome.x_adv[i] = done.x_adv
-        outcome.logits[i] = done.logits
-        outcome.broken[i] = done.broken
-        outcome.forwards[i] = done.forwards
-        outcome.bad_gradient[i] = done.bad_gradient
+    rows = [i for i, key in enumerate(keys) if key is not None]
+    if not rows:
+        return outcome
+    done = [results[keys[i]] for i in rows]
+    at = torch.tensor(rows, device=x.device)
+    outcome.x_adv[at] = torch.stack([d.x_adv for d in done]).to(x.device)
+    outcome.logits[at] = torch.stack([d.logits for d in done]).to(outcome.logits.device)
+    outcome.broken[at] = torch.tensor([d.broken for d in done], device=x.device)
+    outcome.forwards[at] = torch.tensor([d.forwards for d in done], device=x.device)
+    outcome.bad_gradient[at] = torch.tensor([d.bad_gradient for d in done], device=x.device)
     return outcome
 
 
@@ -430,8 +484,7 @@ def stream_audit(
                 example.waiting = len(jobs)
                 in_flight[index] = example
                 pending.extend(jobs)
-        while pending and engine.free:
-            engine.add(pending.popleft())
+        engine.add_many([pending.popleft() for _ in range(min(len(pending), engine.free))])
         if not engine.busy and not pending:
             if ready:
                 yield ready

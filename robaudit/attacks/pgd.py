@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -58,6 +59,11 @@ class PGD:
         self.losses = tuple(losses)
         self.random_start = random_start
         self.name = name
+
+    @property
+    def stream(self) -> int:
+        """Where this attack's random starts begin among an example's random streams."""
+        return (zlib.crc32(self.name.encode()) & 0xFFFF) << 16
 
     @property
     def step_size(self) -> float:

@@ -26,10 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from robaudit.attacks import PGD
-from robaudit.attacks.engine import audit_batch
 from robaudit.config import ScanConfig
-from robaudit.harden.train import LogitBias, Split, Validation, validate
+from robaudit.harden.train import Split, Validation, pgd_batches, validate
 
 STEPS = (0.1, 0.25, 0.5, 1.0, 2.0)
 ROUNDS = 3
@@ -78,22 +76,10 @@ def calibrate(module: nn.Module, data: Split, scan: ScanConfig, max_clean_drop: 
 def _logits(module: nn.Module, data: Split, scan: ScanConfig,
             bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean and PGD logits of the model with ``bias``, with the bias taken off again."""
-    model = nn.Sequential(module, LogitBias(bias))
-    attack = PGD(scan.eps, steps=scan.steps, step_size=scan.step_size, restarts=scan.restarts,
-                 schedule=scan.schedule)
     clean, adv = [], []
-    was_training = module.training
-    module.eval()
-    try:
-        for begin in range(0, len(data.y), scan.batch_size):
-            x = data.x[begin:begin + scan.batch_size]
-            y = data.y[begin:begin + scan.batch_size]
-            seeds = data.index[begin:begin + scan.batch_size] + scan.seed * (1 << 32)
-            batch = audit_batch(model, [attack], x, y, seeds)
-            clean.append(batch.clean_logits.cpu() - bias)
-            adv.append(batch.outcomes[attack.name].logits.cpu() - bias)
-    finally:
-        module.train(was_training)
+    for _idx, _y, batch in pgd_batches(module, data, scan, bias):
+        clean.append(batch.clean_logits.cpu() - bias)
+        adv.append(batch.outcomes["pgd"].logits.cpu() - bias)
     return torch.cat(clean), torch.cat(adv)
 
 

@@ -18,7 +18,7 @@ by (seed, epoch), so an epoch's result depends only on the state it starts from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robaudit.attacks import PGD
-from robaudit.attacks.engine import audit_batch
+from robaudit.attacks.engine import BatchAudit, audit_batch
 from robaudit.attacks.losses import margin
 from robaudit.config import ScanConfig
 from robaudit.data import iter_batches, load_data, select_indices
@@ -181,16 +181,14 @@ class Validation:
                 "worst_class": self.worst_class, "score": self.score}
 
 
-def validate(module: nn.Module, data: Split, scan: ScanConfig,
-             bias: torch.Tensor | None = None) -> Validation:
-    """The scan's PGD (its ε, steps, step size, restarts, per-example seeds) on ``data``.
-
-    ``bias``, when given, is added to the logits (the calibration layer under trial).
-    """
+def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,
+                bias: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                                     BatchAudit]]:
+    """The scan's PGD (its ε, steps, step size, restarts, per-example seeds) over ``data`` in
+    eval mode, batch by batch: ``(index, y, audit)``. ``bias`` is added to the logits."""
     model = module if bias is None else nn.Sequential(module, LogitBias(bias))
     attack = PGD(scan.eps, steps=scan.steps, step_size=scan.step_size, restarts=scan.restarts,
                  schedule=scan.schedule, name="pgd")
-    records = Records(attack_names=["pgd"])
     was_training = module.training
     module.eval()
     try:
@@ -199,18 +197,28 @@ def validate(module: nn.Module, data: Split, scan: ScanConfig,
             y = data.y[begin:begin + scan.batch_size]
             idx = data.index[begin:begin + scan.batch_size]
             seeds = idx.to(torch.int64) + scan.seed * (1 << 32)
-            batch = audit_batch(model, [attack], x, y, seeds)
-            outcome = batch.outcomes["pgd"]
-            records.index.append(idx.numpy())
-            records.y.append(y.cpu().numpy())
-            records.clean_pred.append(batch.clean_logits.argmax(dim=1).cpu().numpy())
-            records.clean_margin.append(margin(batch.clean_logits, y).cpu().numpy())
-            records.adv_pred.setdefault("pgd", []).append(outcome.pred.cpu().numpy())
-            records.adv_margin.setdefault("pgd", []).append(outcome.margin(y).cpu().numpy())
-            records.forwards.setdefault("pgd", []).append(outcome.forwards.cpu().numpy())
-            records.bad_gradient.setdefault("pgd", []).append(outcome.bad_gradient.cpu().numpy())
+            yield idx, y, audit_batch(model, [attack], x, y, seeds)
     finally:
         module.train(was_training)
+
+
+def validate(module: nn.Module, data: Split, scan: ScanConfig,
+             bias: torch.Tensor | None = None) -> Validation:
+    """The scan's PGD (its ε, steps, step size, restarts, per-example seeds) on ``data``.
+
+    ``bias``, when given, is added to the logits (the calibration layer under trial).
+    """
+    records = Records(attack_names=["pgd"])
+    for idx, y, batch in pgd_batches(module, data, scan, bias):
+        outcome = batch.outcomes["pgd"]
+        records.index.append(idx.numpy())
+        records.y.append(y.cpu().numpy())
+        records.clean_pred.append(batch.clean_logits.argmax(dim=1).cpu().numpy())
+        records.clean_margin.append(margin(batch.clean_logits, y).cpu().numpy())
+        records.adv_pred.setdefault("pgd", []).append(outcome.pred.cpu().numpy())
+        records.adv_margin.setdefault("pgd", []).append(outcome.margin(y).cpu().numpy())
+        records.forwards.setdefault("pgd", []).append(outcome.forwards.cpu().numpy())
+        records.bad_gradient.setdefault("pgd", []).append(outcome.bad_gradient.cpu().numpy())
     stats = class_stats(records, data.class_names)
     summary = summarize(records, stats)
     # A class without validation examples has nothing to fix: it counts as fully robust.
