@@ -88,7 +88,7 @@ def _reporter_for(*outputs: str | None, verbose: int, quiet: int) -> Any:
 @click.option("--restarts", type=int, help="Random restarts (only still-robust examples "
               "are attacked again).  [default: 1]")
 @click.option("--temperatures", help="T-PGD softmax temperatures; the worst case over them "
-              "counts.  [default: 0.2]")
+              "counts.  [default: 0.1,0.5]")
 @click.option("--seed", type=int, help="Seed for sampling and random starts.  [default: 0]")
 @click.option("--batch-size", type=int, help="Examples per batch.  [default: 256]")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")

@@ -65,7 +65,7 @@ class ScanConfig:
     steps: int = 20
     step_size: float | None = None
     restarts: int = 1
-    temperatures: tuple[float, ...] = (0.2,)
+    temperatures: tuple[float, ...] = (0.1, 0.5)
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"

@@ -22,7 +22,7 @@ class AttackSettings:
     steps: int = 20
     step_size: float | None = None
     restarts: int = 1
-    temperatures: tuple[float, ...] = (0.2,)
+    temperatures: tuple[float, ...] = (0.1, 0.5)
     schedule: str = "halving"
 
 
