@@ -232,7 +232,7 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
               show_default=True, help="Class weighting scheme (see README, Hardening).")
 @click.option("--class-eps/--no-class-eps", default=None,
               help="Per-class eps: FRL Remargin with frl; always on with cfa.")
-@click.option("--lr", type=float, default=2e-4, show_default=True,
+@click.option("--lr", type=float, default=5e-5, show_default=True,
               help="Adam learning rate (cosine decay to a tenth).")
 @click.option("--train-batch-size", type=int, default=64, show_default=True)
 @click.option("--train-steps", type=int, default=7, show_default=True,

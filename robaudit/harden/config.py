@@ -34,7 +34,7 @@ class HardenConfig:
     reweight: str = "frl"
     #: Per-class ε: FRL Remargin with ``frl``; always on with ``cfa`` (its calibrated margin).
     class_eps: bool | None = None
-    lr: float = 2e-4
+    lr: float = 5e-5
     train_batch_size: int = 64
     #: PGD iterations when making training examples (step 2.5·ε/steps).
     train_steps: int = 7
