@@ -293,8 +293,16 @@ def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs:
     from robaudit.harden import harden as run_harden
     from robaudit.reports.json import write_json
 
+    from robaudit.errors import ConfigError
+
     options["data"] = val_data
-    scan_config = resolve_config({"model": str(model), **options}, config_file=config_file)
+    try:
+        scan_config = resolve_config({"model": str(model), **options}, config_file=config_file)
+    except ConfigError as e:
+        if "no data set given" in str(e):  # in harden, --data is the training set
+            raise ConfigError("no validation data given: pass --val-data (a held-out set, "
+                              "scanned before, during and after training)") from None
+        raise
     # The harden report replaces the scan's own report files.
     scan_config = dataclasses.replace(scan_config, json=None, junit=None, html=None)
     config = HardenConfig(

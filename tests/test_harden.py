@@ -218,3 +218,14 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     cfg = config(out=str(tmp_path / "h.onnx"))
     with pytest.raises(UsageError, match="no checkpoint"):
         load_checkpoint(cfg.checkpoint_path, {"reweight": "frl"})
+
+
+def test_harden_without_validation_data_names_the_option(capsys):
+    from conftest import DIGITS
+
+    from robaudit.cli import main
+
+    code = main(["harden", str(DIGITS / "model.pt2"), "--data", str(DIGITS / "train.npz"),
+                 "--out", "never-written.pt2", "--epochs", "1"])
+    assert code == 4
+    assert "pass --val-data" in capsys.readouterr().err
