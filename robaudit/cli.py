@@ -289,11 +289,10 @@ def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs:
     import dataclasses
 
     from robaudit.config import resolve_config
+    from robaudit.errors import ConfigError
     from robaudit.harden import HardenConfig, to_dict
     from robaudit.harden import harden as run_harden
     from robaudit.reports.json import write_json
-
-    from robaudit.errors import ConfigError
 
     options["data"] = val_data
     try:
