@@ -27,8 +27,12 @@ demo: venv
 	test $$code -le 1
 
 # The HTML report is tested in a real headless browser: Debian's chromium.
+# Any Chromium or Chrome will do (GitHub's runners have google-chrome); else Debian's, via apt.
 chromium:
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	@test -n "$$ROBAUDIT_CHROMIUM" || command -v chromium >/dev/null \
+	    || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
+	    || { sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
+	         $$sudo apt-get update && $$sudo apt-get install -y chromium; }
 
 test: venv chromium
 	$(PY) -m pytest
