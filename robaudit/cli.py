@@ -263,7 +263,8 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
 @click.option("--eps", help="L-inf radius in pixel units [0,1].  [default: 8/255]")
 @click.option("--steps", type=int, help="Attack iterations of the scans and validation.  "
               "[default: 20]")
-@click.option("--step-size", help="Attack step size.  [default: 2.5*eps/steps]")
+@click.option("--step-size", help="Attack step size (the first one, with halving).  "
+              "[default: 2*eps with halving, 2.5*eps/steps with fixed]")
 @click.option("--restarts", type=int, help="Random restarts.  [default: 1]")
 @click.option("--seed", type=int, help="Seed for sampling, data order and random starts.  "
               "[default: 0]")
