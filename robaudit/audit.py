@@ -160,17 +160,28 @@ def scan(
 
     done = 0
     failure: Exception | None = None
+    buffered: list[ExampleResult] = []
+
+    def flush() -> None:
+        for e, rec in enumerate(records):
+            _record(rec, buffered, e, runtime if e == gate_e else None)
+        buffered.clear()
+
     try:
         stream = stream_audit(module, batches(), attack_sets, batch_size=config.batch_size,
                               seed=config.seed, worst_case=config.mode == "worst-case",
                               engine=engine)
         for finished in stream:
-            for e, rec in enumerate(records):
-                _record(rec, finished, e, runtime if e == gate_e else None)
+            # Examples complete a few at a time; record (and run onnxruntime on) them in batches.
+            buffered.extend(finished)
+            if len(buffered) >= config.batch_size:
+                flush()
             done += len(finished)
             report(Progress("attacking", done, len(indices)))
+        flush()
     except KeyboardInterrupt:
         partial = True
+        flush()  # the examples completed before the interrupt count
     except torch.cuda.OutOfMemoryError as exc:  # the user's fix: a smaller batch
         failure = UsageError(
             f"out of memory on {device} with batches of {config.batch_size}; lower --batch-size"
@@ -337,6 +348,8 @@ def _check_outputs(module: torch.nn.Module, x: torch.Tensor, num_classes: int,
 def _record(records: Records, examples: list[ExampleResult], e: int,
             runtime: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
     """Append finished examples' outcomes at the ``e``-th ε to ``records``."""
+    if not examples:
+        return
     y = torch.tensor([ex.y for ex in examples])
     clean = torch.stack([ex.clean_logits.float().cpu() for ex in examples])
     records.index.append(np.array([ex.index for ex in examples], dtype=np.int64))

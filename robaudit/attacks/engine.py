@@ -394,8 +394,6 @@ def audit_batch(
     x: torch.Tensor,
     y: torch.Tensor,
     seeds: torch.Tensor,
-    *,
-    seconds: dict[str, float] | None = None,
 ) -> BatchAudit:
     """Attack one batch with each attack independently (per-attack and worst-case figures)."""
     with torch.no_grad():
