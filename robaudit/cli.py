@@ -93,7 +93,8 @@ def _reporter_for(*outputs: str | None, verbose: int, quiet: int) -> Any:
 @click.option("--batch-size", type=int, help="Examples per batch.  [default: 256]")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option("--amp/--no-amp", default=None,
-              help="bf16 autocast on CUDA (gradient sign in fp32).  [default: off]")
+              help="bf16 autocast for the attack passes (CUDA, or a CPU with AVX512-BF16/AMX); "
+              "breaks are confirmed in fp32.  [default: off]")
 @click.option("--strict/--no-strict", default=None,
               help="Exit 4 when a sanity check finds signs of gradient masking.")
 @click.option("--min-class-robust", help="Flag classes whose robust accuracy is below this.")

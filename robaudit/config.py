@@ -69,7 +69,8 @@ class ScanConfig:
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
-    #: bf16 autocast on CUDA (the gradient's sign is taken in fp32); ignored on the CPU.
+    #: bf16 autocast for the attack passes (CUDA, or a CPU with bf16 instructions); every break
+    #: is confirmed in full precision, and the clean pass is always full precision.
     amp: bool = False
     #: Treat the signs of gradient masking (sanity checks) as errors: exit 4.
     strict: bool = False

@@ -137,3 +137,59 @@ def test_a_stalled_loss_halves_the_step_size_at_each_checkpoint():
         alphas.append(round(float(engine.alpha[0]), 6))
     # Checkpoints of 20 steps are after 5, 9, 12, ... steps; the loss never rises.
     assert alphas == [0.2] * 5 + [0.1] * 4 + [0.05] * 3
+
+
+def test_the_last_check_of_a_batch_runs_without_a_gradient():
+    seen: list[bool] = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.is_grad_enabled())
+            return ramp_model()(x)
+
+    # Robust examples (margin 0.5 at 0.5 + 1/16, eps 0.01): 3 steps, then the final check.
+    attack = PGD(0.01, steps=3, step_size=0.01, random_start=False)
+    jobs = [Job(k, torch.full((1, 4, 4), 0.5 + 1 / 16), 0, k, attack) for k in range(3)]
+    results = run_jobs(Recording(), jobs, batch_size=3)
+    assert not any(r.broken for r in results.values())
+    assert seen == [True, True, True, False]
+
+
+def test_with_amp_a_break_counts_only_if_full_precision_agrees():
+    # Class 1's weights are 1 + 2**-10, which bf16 rounds to 1: under autocast both logits are
+    # 8.0 (a tie that argmax gives to class 0), in fp32 class 1 wins by 0.0078.
+    w = torch.stack([torch.full((16,), 1.0), torch.full((16,), 1.0 + 2**-10)])
+    model = Linear(w, torch.zeros(2))
+    x = torch.full((1, 4, 4), 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert int(model(x[None]).argmax()) == 0  # what bf16 alone would call a break
+    attack = PGD(1e-6, steps=2, random_start=False)
+    for amp in (False, True):
+        (done,) = run_jobs(model, [Job(0, x, 1, 0, attack)], 1, amp=amp).values()
+        assert not done.broken and done.forwards == 3
+        assert done.logits.dtype == torch.float32
+        torch.testing.assert_close(done.logits, torch.tensor([8.0, 8.0 + 8 * 2**-10]))
+
+
+def test_amp_on_the_example_finds_as_much_and_every_break_is_real_in_fp32(digits):
+    from robaudit.attacks import AttackSettings, build_attacks
+    from robaudit.models import load_model
+
+    model = load_model(digits / "model.pt2").module
+    data = np.load(digits / "test.npz")
+    x = torch.from_numpy(data["x"][:200]).float() / 255
+    y = torch.from_numpy(data["y"][:200]).long()
+    attacks = build_attacks(["pgd", "tpgd"], AttackSettings(eps=0.2, steps=10))
+    robust = {}
+    for amp in (False, True):
+        done = [ex for part in stream_audit(model, [(x, y, torch.arange(200))], [attacks],
+                                            batch_size=128, amp=amp) for ex in part]
+        broken = [(ex.y, r) for ex in done for r in ex.outcomes.values()
+                  if r is not None and r.broken]
+        with torch.no_grad():
+            logits = model(torch.stack([r.x_adv for _, r in broken]))
+        assert (logits.argmax(1) != torch.tensor([label for label, _ in broken])).all()
+        torch.testing.assert_close(logits, torch.stack([r.logits for _, r in broken]))
+        robust[amp] = sum(all(r is not None and not r.broken for r in ex.outcomes.values())
+                          for ex in done)
+    assert abs(robust[True] - robust[False]) <= 6  # 3 pp of 200: the search differs, not the rule

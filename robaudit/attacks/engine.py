@@ -1,17 +1,21 @@
 """The attack engine: continuous batching with a per-example early stop.
 
-The engine keeps a working batch of ``batch_size`` slots. Each slot holds one *job*: one example
-under one attack (at one ε). Every iteration is a single forward and backward pass over all
-occupied slots; each slot has its own step counter, loss, ε and step size. A job leaves the batch
-as soon as its iterate is misclassified, or once it has used all its steps, restarts and losses,
-and the caller refills the freed slot at once, so the device never runs half-empty batches while
-work is waiting.
+The engine keeps a working batch of ``batch_size`` rows. Each row holds one *job*: one example
+under one attack (at one ε). Every iteration is a single forward and backward pass over the rows
+in use; each row has its own step counter, loss, ε and step size. A job leaves the batch as soon
+as its iterate is misclassified, or once it has used all its steps, restarts and losses, and the
+caller refills the freed row at once, so the device never runs half-empty batches while work is
+waiting.
+
+With ``amp`` the passes run under bf16 autocast (CUDA, or a CPU with bf16 instructions); the
+verdicts do not: an iterate counts as broken only if a full-precision pass agrees, and the logits
+reported are full-precision ones.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Hashable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,6 +25,10 @@ import torch
 from robaudit.attacks.base import AttackOutcome, Loss, Model, uniform_noise
 from robaudit.attacks.losses import margin
 from robaudit.attacks.pgd import PGD
+
+# Bits of an engine row's flags.
+_BAD = 1  # some step had a zero or non-finite input gradient
+_REDUCED = 2  # the last checkpoint halved the step size
 
 
 @dataclass(frozen=True)
@@ -48,288 +56,334 @@ class Finished:
 
 class Engine:
     """Runs PGD-style jobs in one working batch. Add jobs with :meth:`add`, advance with
-    :meth:`step` until :attr:`busy` is false."""
+    :meth:`step` until :attr:`busy` is false.
+
+    The jobs in flight occupy the first :attr:`n` rows of every state tensor, so a step works on
+    slices, not on gathered copies; a job that ends leaves a hole that the last row fills. The
+    per-job scalars live in two small matrices (floats and integers) so that moving a row is a
+    handful of tensor operations, whatever the number of fields.
+    """
 
     def __init__(self, model: Model, batch_size: int, *, amp: bool = False) -> None:
         self.model = model
         self.batch_size = batch_size
         self.amp = amp
-        self.jobs: list[Job | None] = [None] * batch_size
-        # Free slots as a stack (lowest slot on top): O(1) to take and to give back.
-        self._free = list(range(batch_size - 1, -1, -1))
+        #: Rows in use: the jobs in flight are rows ``0 .. n-1``.
+        self.n = 0
+        self.jobs: list[Job] = []
+        self.run: list[int] = []  # per row: which run (random start, loss) of its attack
+        self._row_loss: list[int] = []  # per row: the number of the loss it ascends
         self._shape: tuple[int, ...] | None = None
-        # Losses and attack names seen so far, numbered, so that per-slot choices are tensors.
+        # Losses and attacks seen so far, numbered, so that per-row choices are tensors.
         self._loss_ids: dict[int, int] = {}
         self._loss_fns: list[Loss] = []
-        self._names: list[str] = []
-        # Per attack object (by number): steps since the previous APGD checkpoint, at each step
-        # that is one (0 elsewhere), so that the schedule is decided for all slots at once.
         self._attacks: list[PGD] = []
+        # Per attack (by number): at each step that is an APGD checkpoint, the steps since the
+        # previous one (0 elsewhere, and everywhere for fixed-step attacks).
         self._checkpoints = torch.zeros((0, 1), dtype=torch.long)
-        #: Seconds spent per attack name (forward, backward and update, shared by slot count).
+        self._halving = False
+        #: Seconds spent per attack name (forward, backward and update, shared by row count).
         self.seconds: dict[str, float] = {}
 
-    # -- slot state -------------------------------------------------------------------------
+    # -- row state ----------------------------------------------------------------------------
 
     def _allocate(self, x: torch.Tensor) -> None:
         b, shape, device = self.batch_size, tuple(x.shape), x.device
         self._shape = shape
-        self.x0 = torch.zeros((b, *shape), device=device)
-        self.cur = torch.zeros_like(self.x0)
-        self.best_x = torch.zeros_like(self.x0)
+        self.cur = torch.zeros((b, *shape), device=device)  # the current iterate
+        self.lo = torch.zeros_like(self.cur)  # the ε-ball within the pixel box [0, 1]
+        self.hi = torch.zeros_like(self.cur)
+        self.best_x = torch.zeros_like(self.cur)  # the lowest-margin iterate so far
+        self.best_loss_x = torch.zeros_like(self.cur)  # the highest-loss iterate of this run
         self.best_logits: torch.Tensor | None = None
-        self.best_margin = torch.full((b,), float("inf"), device=device)
-        self.y = torch.zeros(b, dtype=torch.long, device=device)
-        self.eps = torch.zeros(b, device=device)
-        self.alpha = torch.zeros(b, device=device)
-        self.step_no = torch.zeros(b, dtype=torch.long, device=device)
-        self.steps = torch.zeros(b, dtype=torch.long, device=device)
-        self.loss_id = torch.zeros(b, dtype=torch.long, device=device)
-        self.name_id = torch.zeros(b, dtype=torch.long, device=device)
-        self.halving = torch.zeros(b, dtype=torch.bool, device=device)
-        self.attack_id = torch.zeros(b, dtype=torch.long, device=device)
-        self.forwards = torch.zeros(b, dtype=torch.long, device=device)
-        self.bad = torch.zeros(b, dtype=torch.bool, device=device)
-        self.run = [0] * b
-        # Step-size halving (APGD's schedule): best loss so far and its iterate, and how many
-        # steps since the last checkpoint raised the loss.
-        self.best_loss = torch.full((b,), -float("inf"), device=device)
-        self.best_loss_x = torch.zeros_like(self.x0)
-        self.gains = torch.zeros(b, dtype=torch.long, device=device)
-        self.last_loss = torch.full((b,), -float("inf"), device=device)
-        self.checkpoint_best = torch.full((b,), -float("inf"), device=device)
-        self.checkpoint_reduced = torch.zeros(b, dtype=torch.bool, device=device)
+        self._f = torch.zeros((b, 6), device=device)
+        (self.best_margin, self.eps, self.alpha, self.best_loss, self.last_loss,
+         self.checkpoint_best) = self._f.unbind(1)
+        self._l = torch.zeros((b, 8), dtype=torch.long, device=device)
+        # ``gains``: steps since the last checkpoint that raised the loss (APGD's schedule);
+        # ``reduced``: whether the last checkpoint halved the step size; ``bad``: steps with a
+        # zero or non-finite input gradient.
+        (self.y, self.step_no, self.steps, self.loss_id, self.attack_id, self.forwards,
+         self.gains, self._flags) = self._l.unbind(1)
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return self.batch_size - self.n
 
     @property
     def busy(self) -> bool:
-        return len(self._free) < self.batch_size
+        return self.n > 0
 
     def add(self, job: Job) -> None:
-        """Put a job in a free slot; it starts at its first run's starting point."""
+        """Put a job in a free row; it starts at its first run's starting point."""
         self.add_many([job])
 
     def add_many(self, jobs: Sequence[Job]) -> None:
-        """Put several jobs in free slots at once (one tensor write per field, not per job)."""
+        """Put several jobs in free rows at once (one tensor write per field, not per job)."""
         if not jobs:
             return
-        if len(jobs) > len(self._free):
-            raise ValueError(f"{len(jobs)} jobs for {len(self._free)} free slots")
+        if len(jobs) > self.free:
+            raise ValueError(f"{len(jobs)} jobs for {self.free} free slots")
         if self._shape is None:
             self._allocate(jobs[0].x)
         for job in jobs:
             if tuple(job.x.shape) != self._shape:
                 raise ValueError(f"job input shape {tuple(job.x.shape)} != {self._shape}")
-        slots = [self._free.pop() for _ in jobs]
-        for slot, job in zip(slots, jobs, strict=True):
-            self.jobs[slot] = job
-            self.run[slot] = 0
-            if job.attack.name not in self._names:
-                self._names.append(job.attack.name)
             if not any(job.attack is a for a in self._attacks):
                 self._register(job.attack)
-        at = torch.tensor(slots, device=self.x0.device)
-        device = self.x0.device
-        self.x0[at] = torch.stack([job.x for job in jobs]).to(device)
-        self.y[at] = torch.tensor([job.y for job in jobs], device=device)
-        self.eps[at] = torch.tensor([job.attack.eps for job in jobs], device=device)
-        self.steps[at] = torch.tensor([job.attack.steps for job in jobs], device=device)
-        self.halving[at] = torch.tensor([job.attack.schedule == "halving" for job in jobs],
-                                        device=device)
-        self.name_id[at] = torch.tensor([self._names.index(job.attack.name) for job in jobs],
-                                        device=device)
-        self.attack_id[at] = torch.tensor(
+        device = self.cur.device
+        rows = slice(self.n, self.n + len(jobs))
+        x = torch.stack([job.x for job in jobs]).to(device)
+        eps = torch.tensor([float(job.attack.eps) for job in jobs], device=device)
+        view = (-1,) + (1,) * (x.dim() - 1)
+        self.lo[rows] = (x - eps.view(view)).clamp(min=0.0)
+        self.hi[rows] = (x + eps.view(view)).clamp(max=1.0)
+        self._f[rows] = 0.0
+        self._l[rows] = 0
+        self.eps[rows] = eps
+        self.best_margin[rows] = float("inf")
+        self.y[rows] = torch.tensor([job.y for job in jobs], device=device)
+        self.steps[rows] = torch.tensor([job.attack.steps for job in jobs], device=device)
+        self.attack_id[rows] = torch.tensor(
             [next(k for k, a in enumerate(self._attacks) if a is job.attack) for job in jobs],
             device=device)
-        self.best_margin[at] = float("inf")
-        self.forwards[at] = 0
-        self.bad[at] = False
-        self._start_runs(slots)
+        first = self.n
+        self.n += len(jobs)
+        self.jobs.extend(jobs)
+        self.run.extend([0] * len(jobs))
+        self._row_loss.extend([0] * len(jobs))
+        self._start_runs(list(range(first, self.n)), x)
 
     def _register(self, attack: PGD) -> None:
         self._attacks.append(attack)
+        self._halving = self._halving or attack.schedule == "halving"
         width = max(a.steps for a in self._attacks) + 1
         table = torch.zeros((len(self._attacks), width), dtype=torch.long)
         for k, a in enumerate(self._attacks):
             if a.schedule == "halving":
                 for step in range(a.steps + 1):
                     table[k, step] = a.checkpoint_interval(step) or 0
-        self._checkpoints = table.to(self.x0.device)
+        self._checkpoints = table.to(self.cur.device)
 
-    def _start_runs(self, slots: Sequence[int]) -> None:
-        """Each slot's current run begins: a random start (or the clean input), a fresh step."""
-        device = self.x0.device
-        at = torch.tensor(slots, device=device)
-        jobs = [self.jobs[i] for i in slots]
-        starts = self.x0[at].clone()
-        noisy = [j for j, job in enumerate(jobs) if job is not None and job.attack.random_start]
+    def _start_runs(self, rows: list[int], x: torch.Tensor | None = None) -> None:
+        """Each row's current run begins: a random start (or the clean input), a fresh step.
+
+        ``x`` are the rows' clean inputs when the caller has them on the device already.
+        """
+        device = self.cur.device
+        jobs = [self.jobs[i] for i in rows]
+        if x is None:
+            x = torch.stack([job.x for job in jobs]).to(device)
+        starts = x.clone()
+        noisy = [j for j, job in enumerate(jobs) if job.attack.random_start]
         if noisy:
             # Each attack draws its own starts: a union of attacks from one shared start per
             # example would explore less than independent ones (and be measurably weaker).
             noise = torch.stack([
-                uniform_noise(starts[j], jobs[j].seed,  # type: ignore[union-attr]
-                              jobs[j].attack.stream + self.run[slots[j]])  # type: ignore[union-attr]
+                uniform_noise(starts[j], jobs[j].seed, jobs[j].attack.stream + self.run[rows[j]])
                 for j in noisy]).to(device)
-            eps = self.eps[at[noisy]].view((-1,) + (1,) * (noise.dim() - 1))
+            eps = torch.tensor([float(jobs[j].attack.eps) for j in noisy], device=device)
+            eps = eps.view((-1,) + (1,) * (noise.dim() - 1))
             starts[noisy] = (starts[noisy] + eps * noise).clamp(0.0, 1.0)
+        at = torch.tensor(rows, device=device)
         self.cur[at] = starts
         self.best_loss_x[at] = starts
         ids, alphas = [], []
-        for slot, job in zip(slots, jobs, strict=True):
-            assert job is not None
-            loss_fn = job.attack.loss_of_run(self.run[slot])
+        for row, job in zip(rows, jobs, strict=True):
+            loss_fn = job.attack.loss_of_run(self.run[row])
             if id(loss_fn) not in self._loss_ids:
                 self._loss_ids[id(loss_fn)] = len(self._loss_fns)
                 self._loss_fns.append(loss_fn)
             ids.append(self._loss_ids[id(loss_fn)])
+            self._row_loss[row] = ids[-1]
             alphas.append(job.attack.initial_step_size)
         self.loss_id[at] = torch.tensor(ids, device=device)
         self.alpha[at] = torch.tensor(alphas, device=device, dtype=self.alpha.dtype)
         self.step_no[at] = 0
-        self.best_loss[at] = -float("inf")
         self.gains[at] = 0
-        self.last_loss[at] = -float("inf")
-        self.checkpoint_best[at] = -float("inf")
-        self.checkpoint_reduced[at] = False
+        self._flags[at] &= ~_REDUCED
+        for field in (self.best_loss, self.last_loss, self.checkpoint_best):
+            field[at] = -float("inf")
 
     # -- one iteration ------------------------------------------------------------------------
 
     def step(self) -> list[Finished]:
-        """One forward and backward pass over the occupied slots; returns the jobs that ended."""
+        """One forward and backward pass over the rows in use; returns the jobs that ended."""
         if not self.busy:
             return []
         started = time.perf_counter()
-        free = set(self._free)
-        occupied = [i for i in range(self.batch_size) if i not in free]
-        slots = torch.tensor(occupied, device=self.x0.device)
-        y = self.y[slots]
-        xa = self.cur[slots].detach().requires_grad_(True)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.amp and xa.device.type == "cuda" else nullcontext()
-        )
-        with torch.enable_grad(), autocast:
+        n = self.n
+        names = Counter(job.attack.name for job in self.jobs)
+        y = self.y[:n]
+        at_end = self.step_no[:n] >= self.steps[:n]
+        # When every row only has its last iterate to check, no gradient is needed.
+        stepping = not bool(at_end.all())
+        xa = self.cur[:n].clone().requires_grad_(stepping)
+        autocast = (torch.autocast(xa.device.type, dtype=torch.bfloat16) if self.amp
+                    else nullcontext())
+        with torch.set_grad_enabled(stepping), autocast:
             logits = self.model(xa)
         logits = logits.float()
         if self.best_logits is None:
             self.best_logits = logits.new_zeros((self.batch_size, logits.shape[1]))
-        self.forwards[slots] += 1
+        self.forwards[:n] += 1
 
         detached = logits.detach()
-        margins = margin(detached, y)
         wrong = detached.argmax(dim=1) != y
-        better = margins < self.best_margin[slots]
-        keep_at = slots[better]
-        self.best_margin[keep_at] = margins[better]
-        self.best_x[keep_at] = xa.detach()[better]
-        self.best_logits[keep_at] = detached[better]
+        if self.amp and bool(wrong.any()):
+            wrong, detached = self._confirm(xa.detach(), detached, wrong, y)
+        margins = margin(detached, y)
+        better = margins < self.best_margin[:n]
+        self.best_margin[:n] = torch.where(better, margins, self.best_margin[:n])
+        self.best_x[:n][better] = xa.detach()[better]
+        self.best_logits[:n][better] = detached[better]
 
-        at_end = self.step_no[slots] >= self.steps[slots]
-        moving = ~wrong & ~at_end
-        if bool(moving.any()):
-            self._update(xa, logits, y, slots, moving)
-
-        finished: list[Finished] = []
-        restarting: list[int] = []
-        # Only the slots that end (broken, or out of steps) need Python-level work.
-        wrong_list = wrong.tolist()
-        for j in (wrong | at_end).nonzero().squeeze(1).tolist():
-            i = occupied[j]
-            job = self.jobs[i]
-            assert job is not None
-            if wrong_list[j]:
-                finished.append(self._finish(i, xa.detach()[j], detached[j], broken=True))
-            elif self.run[i] + 1 < job.attack.runs:
-                self.run[i] += 1
-                restarting.append(i)
-            else:
-                finished.append(self._finish(i, self.best_x[i].clone(),
-                                             self.best_logits[i].clone(), broken=False))
-        if restarting:
-            self._start_runs(restarting)
-        self._account(slots, time.perf_counter() - started)
+        ended = wrong | at_end
+        if stepping and not bool(ended.all()):
+            self._update(xa, logits, y, ~ended)
+        finished = self._end(ended, wrong, xa.detach(), detached) if bool(ended.any()) else []
+        self._account(names, time.perf_counter() - started)
         return finished
 
+    def _confirm(self, x: torch.Tensor, logits: torch.Tensor, wrong: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under autocast, a row counts as broken only if full precision agrees."""
+        rows = wrong.nonzero().squeeze(1)
+        exact = self._exact(x[rows])
+        wrong = wrong.clone()
+        wrong[rows] = exact.argmax(dim=1) != y[rows]
+        logits = logits.clone()
+        logits[rows] = exact
+        return wrong, logits
+
+    def _exact(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x).float()
+
     def _update(self, xa: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
-                slots: torch.Tensor, moving: torch.Tensor) -> None:
-        """The signed-gradient step of every slot that goes on, each with its own loss."""
-        move = moving.nonzero().squeeze(1)
-        at = slots[move]
-        loss_ids = self.loss_id[at]
-        losses = torch.zeros(len(slots), device=logits.device)
-        for lid in torch.unique(loss_ids).tolist():
-            members = move[loss_ids == lid]
-            losses = losses.index_put((members,),
-                                      self._loss_fns[lid](logits[members], y[members]).float())
+                moving: torch.Tensor) -> None:
+        """The signed-gradient step of every row, each with its own loss and step size.
+
+        Rows that end this step are stepped too (it costs nothing extra, the backward pass covers
+        the whole batch), and their new iterate is never used.
+        """
+        n = xa.shape[0]
+        kinds = set(self._row_loss)
+        losses = self._loss_fns[self._row_loss[0]](logits, y).float()
+        if len(kinds) > 1:
+            loss_id = self.loss_id[:n]
+            for lid in kinds - {self._row_loss[0]}:
+                losses = torch.where(loss_id == lid, self._loss_fns[lid](logits, y).float(),
+                                     losses)
         (grad,) = torch.autograd.grad(losses.sum(), xa)
-        g = grad[move].float()
-        flat = g.flatten(1)
-        healthy = torch.isfinite(flat).all(dim=1) & (flat.abs().amax(dim=1) > 0)
-        self.bad[at[~healthy]] = True
-        direction = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).sign()
+        peak = grad.flatten(1).abs().amax(dim=1)  # NaN and inf carry through
+        healthy = torch.isfinite(peak) & (peak > 0)
+        self._flags[:n] |= (~healthy & moving).long() * _BAD
+        if not bool(healthy.all()):
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        direction = grad.float().sign()
 
-        x_now = xa.detach()[move]
-        back_to_best = self._schedule(at, x_now, losses.detach()[move])
-
+        x_now = xa.detach()
+        start = x_now
+        if self._halving:
+            back_to_best = self._schedule(n, x_now, losses.detach())
+            if back_to_best is not None:
+                view = (-1,) + (1,) * (x_now.dim() - 1)
+                start = torch.where(back_to_best.view(view), self.best_loss_x[:n], x_now)
         view = (-1,) + (1,) * (x_now.dim() - 1)
-        start = x_now if back_to_best is None else torch.where(
-            back_to_best.view(view), self.best_loss_x[at], x_now)
-        moved = start + self.alpha[at].view(view) * direction
-        x0, eps = self.x0[at], self.eps[at].view(view)
-        moved = torch.maximum(torch.minimum(moved, x0 + eps), x0 - eps).clamp(0.0, 1.0)
-        self.cur[at] = moved
-        self.step_no[at] += 1
+        moved = torch.addcmul(start, self.alpha[:n].view(view), direction)
+        torch.clamp(moved, self.lo[:n], self.hi[:n], out=self.cur[:n])
+        self.step_no[:n] += 1
 
-    def _schedule(self, at: torch.Tensor, x_now: torch.Tensor,
-                  loss_now: torch.Tensor) -> torch.Tensor | None:
+    def _schedule(self, n: int, x_now: torch.Tensor, loss_now: torch.Tensor) -> torch.Tensor | None:
         """Track the best loss; at APGD's checkpoints halve a stalled step size.
 
-        Returns which slots go back to their best point before stepping (those just halved),
-        or None when no slot uses the halving schedule.
+        Returns which rows go back to their best point before stepping (those just halved), or
+        None when no row is at a checkpoint.
         """
-        halving = self.halving[at]
-        if not bool(halving.any()):
-            return None
-        back_to_best = torch.zeros(len(at), dtype=torch.bool, device=at.device)
-        rose = loss_now > self.last_loss[at]
-        self.gains[at] += rose.long()
-        self.last_loss[at] = loss_now
-        improved = loss_now > self.best_loss[at]
-        self.best_loss[at] = torch.where(improved, loss_now, self.best_loss[at])
-        self.best_loss_x[at[improved]] = x_now[improved]
-        interval = self._checkpoints[self.attack_id[at], self.step_no[at]]
-        at_checkpoint = halving & (interval > 0)
+        self.gains[:n] += (loss_now > self.last_loss[:n]).long()
+        self.last_loss[:n] = loss_now
+        improved = loss_now > self.best_loss[:n]
+        self.best_loss[:n] = torch.where(improved, loss_now, self.best_loss[:n])
+        self.best_loss_x[:n][improved] = x_now[improved]
+        interval = self._checkpoints[self.attack_id[:n], self.step_no[:n]]
+        at_checkpoint = interval > 0
         if not bool(at_checkpoint.any()):
-            return back_to_best
-        cp = at[at_checkpoint]
+            return None
         # Halve when fewer than 75% of the steps since the last checkpoint raised the loss, or
         # when the last checkpoint did not halve and the best loss has not moved since.
-        stalled = self.gains[cp] < 0.75 * interval[at_checkpoint]
-        flat = ~self.checkpoint_reduced[cp] & (self.best_loss[cp] <= self.checkpoint_best[cp])
-        reduce = stalled | flat
-        self.alpha[cp] = torch.where(reduce, self.alpha[cp] / 2, self.alpha[cp])
-        back_to_best[at_checkpoint] = reduce
-        self.checkpoint_reduced[cp] = reduce
-        self.checkpoint_best[cp] = self.best_loss[cp]
-        self.gains[cp] = 0
-        return back_to_best
+        stalled = self.gains[:n] < 0.75 * interval
+        reduced = (self._flags[:n] & _REDUCED) > 0
+        flat = ~reduced & (self.best_loss[:n] <= self.checkpoint_best[:n])
+        reduce = at_checkpoint & (stalled | flat)
+        self.alpha[:n] = torch.where(reduce, self.alpha[:n] / 2, self.alpha[:n])
+        reduced = torch.where(at_checkpoint, reduce, reduced)
+        self._flags[:n] = (self._flags[:n] & ~_REDUCED) | reduced.long() * _REDUCED
+        self.checkpoint_best[:n] = torch.where(at_checkpoint, self.best_loss[:n],
+                                               self.checkpoint_best[:n])
+        self.gains[:n] = torch.where(at_checkpoint, 0, self.gains[:n])
+        return reduce
 
-    def _finish(self, slot: int, x_adv: torch.Tensor, logits: torch.Tensor, *,
-                broken: bool) -> Finished:
-        job = self.jobs[slot]
-        assert job is not None
-        self.jobs[slot] = None
-        self._free.append(slot)
-        return Finished(job.key, x_adv, logits, broken, int(self.forwards[slot]),
-                        bool(self.bad[slot]))
+    def _end(self, ended: torch.Tensor, wrong: torch.Tensor, x: torch.Tensor,
+             logits: torch.Tensor) -> list[Finished]:
+        """Finish the rows that broke or ran out of runs; start the next run of the others."""
+        rows = ended.nonzero().squeeze(1).tolist()
+        broken_flags = wrong[rows].tolist()
+        broken, robust, restarting = [], [], []
+        for row, is_broken in zip(rows, broken_flags, strict=True):
+            if is_broken:
+                broken.append(row)
+            elif self.run[row] + 1 < self.jobs[row].attack.runs:
+                self.run[row] += 1
+                restarting.append(row)
+            else:
+                robust.append(row)
+        finished: list[Finished] = []
+        for group, is_broken in ((broken, True), (robust, False)):
+            if not group:
+                continue
+            at = torch.tensor(group, device=x.device)
+            if is_broken:
+                xs, zs = x[at], logits[at]
+            else:
+                assert self.best_logits is not None
+                xs = self.best_x[at]
+                zs = self._exact(xs) if self.amp else self.best_logits[at]
+            counts = self.forwards[at].tolist()
+            bad = ((self._flags[at] & _BAD) > 0).tolist()
+            for k, row in enumerate(group):
+                finished.append(Finished(self.jobs[row].key, xs[k], zs[k], is_broken, counts[k],
+                                         bad[k]))
+        if restarting:
+            self._start_runs(restarting)
+        self._remove(broken + robust)
+        return finished
 
-    def _account(self, slots: torch.Tensor, seconds: float) -> None:
-        counts = torch.bincount(self.name_id[slots], minlength=len(self._names)).tolist()
-        for name, count in zip(self._names, counts, strict=True):
-            self.seconds[name] = self.seconds.get(name, 0.0) + seconds * count / len(slots)
+    def _remove(self, rows: list[int]) -> None:
+        """Free ``rows``: the rows in use past the new end move into the holes below it."""
+        if not rows:
+            return
+        gone = set(rows)
+        end = self.n - len(rows)
+        holes = sorted(r for r in gone if r < end)
+        movers = [r for r in range(end, self.n) if r not in gone]
+        if holes:
+            device = self.cur.device
+            to, source = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
+            assert self.best_logits is not None
+            for state in (self.cur, self.lo, self.hi, self.best_x, self.best_loss_x,
+                          self.best_logits, self._f, self._l):
+                state[to] = state[source]
+            for values in (self.jobs, self.run, self._row_loss):
+                for hole, mover in zip(holes, movers, strict=True):
+                    values[hole] = values[mover]  # type: ignore[index]
+        del self.jobs[end:], self.run[end:], self._row_loss[end:]
+        self.n = end
+
+    def _account(self, names: Counter[str], seconds: float) -> None:
+        total = sum(names.values())
+        for name, count in names.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds * count / total
 
 
 def run_jobs(model: Model, jobs: Iterable[Job], batch_size: int, *,
@@ -467,9 +521,7 @@ def stream_audit(
                 exhausted = True
                 break
             x, y, idx = batch
-            autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                        if amp and x.device.type == "cuda" else nullcontext())
-            with torch.no_grad(), autocast:
+            with torch.no_grad():  # full precision even with amp: it decides what is attacked
                 clean = model(x).float()
             correct = (clean.argmax(dim=1) == y).tolist()
             for i, index in enumerate(idx.tolist()):
