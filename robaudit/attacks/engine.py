@@ -82,6 +82,7 @@ class Engine:
         # previous one (0 elsewhere, and everywhere for fixed-step attacks).
         self._checkpoints = torch.zeros((0, 1), dtype=torch.long)
         self._halving = False
+        self._names: Counter[str] = Counter()  # jobs in flight per attack name
         #: Seconds spent per attack name (forward, backward and update, shared by row count).
         self.seconds: dict[str, float] = {}
 
@@ -101,10 +102,11 @@ class Engine:
          self.checkpoint_best) = self._f.unbind(1)
         self._l = torch.zeros((b, 8), dtype=torch.long, device=device)
         # ``gains``: steps since the last checkpoint that raised the loss (APGD's schedule);
-        # ``reduced``: whether the last checkpoint halved the step size; ``bad``: steps with a
-        # zero or non-finite input gradient.
-        (self.y, self.step_no, self.steps, self.loss_id, self.attack_id, self.forwards,
+        # ``_flags``: the bits _BAD and _REDUCED. ``step_no`` and ``forwards`` are neighbours:
+        # one operation on ``_counters`` advances both.
+        (self.y, self.step_no, self.forwards, self.steps, self.loss_id, self.attack_id,
          self.gains, self._flags) = self._l.unbind(1)
+        self._counters = self._l[:, 1:3]
 
     @property
     def free(self) -> int:
@@ -150,6 +152,7 @@ class Engine:
         first = self.n
         self.n += len(jobs)
         self.jobs.extend(jobs)
+        self._names.update(job.attack.name for job in jobs)
         self.run.extend([0] * len(jobs))
         self._row_loss.extend([0] * len(jobs))
         self._start_runs(list(range(first, self.n)), x)
@@ -213,7 +216,7 @@ class Engine:
             return []
         started = time.perf_counter()
         n = self.n
-        names = Counter(job.attack.name for job in self.jobs)
+        names = +self._names  # a copy, without zero counts
         y = self.y[:n]
         at_end = self.step_no[:n] >= self.steps[:n]
         # When every row only has its last iterate to check, no gradient is needed.
@@ -226,7 +229,6 @@ class Engine:
         logits = logits.float()
         if self.best_logits is None:
             self.best_logits = logits.new_zeros((self.batch_size, logits.shape[1]))
-        self.forwards[:n] += 1
 
         detached = logits.detach()
         wrong = detached.argmax(dim=1) != y
@@ -234,13 +236,15 @@ class Engine:
             wrong, detached = self._confirm(xa.detach(), detached, wrong, y)
         margins = margin(detached, y)
         better = margins < self.best_margin[:n]
-        self.best_margin[:n] = torch.where(better, margins, self.best_margin[:n])
-        self.best_x[:n][better] = xa.detach()[better]
-        self.best_logits[:n][better] = detached[better]
+        view = (-1,) + (1,) * (xa.dim() - 1)
+        torch.where(better, margins, self.best_margin[:n], out=self.best_margin[:n])
+        torch.where(better.view(view), xa.detach(), self.best_x[:n], out=self.best_x[:n])
+        torch.where(better[:, None], detached, self.best_logits[:n], out=self.best_logits[:n])
 
         ended = wrong | at_end
         if stepping and not bool(ended.all()):
             self._update(xa, logits, y, ~ended)
+        self._counters[:n] += 1  # a forward pass each, and a step for those that went on
         finished = self._end(ended, wrong, xa.detach(), detached) if bool(ended.any()) else []
         self._account(names, time.perf_counter() - started)
         return finished
@@ -277,9 +281,9 @@ class Engine:
                                      losses)
         (grad,) = torch.autograd.grad(losses.sum(), xa)
         peak = grad.flatten(1).abs().amax(dim=1)  # NaN and inf carry through
-        healthy = torch.isfinite(peak) & (peak > 0)
-        self._flags[:n] |= (~healthy & moving).long() * _BAD
+        healthy = (peak > 0) & (peak < float("inf"))  # false for NaN too
         if not bool(healthy.all()):
+            self._flags[:n] |= (~healthy & moving).long() * _BAD
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         direction = grad.float().sign()
 
@@ -293,7 +297,6 @@ class Engine:
         view = (-1,) + (1,) * (x_now.dim() - 1)
         moved = torch.addcmul(start, self.alpha[:n].view(view), direction)
         torch.clamp(moved, self.lo[:n], self.hi[:n], out=self.cur[:n])
-        self.step_no[:n] += 1
 
     def _schedule(self, n: int, x_now: torch.Tensor, loss_now: torch.Tensor) -> torch.Tensor | None:
         """Track the best loss; at APGD's checkpoints halve a stalled step size.
@@ -363,6 +366,7 @@ class Engine:
         """Free ``rows``: the rows in use past the new end move into the holes below it."""
         if not rows:
             return
+        self._names.subtract(self.jobs[row].attack.name for row in rows)
         gone = set(rows)
         end = self.n - len(rows)
         holes = sorted(r for r in gone if r < end)
