@@ -20,7 +20,7 @@ import torch
 
 from robaudit import __version__, distributed
 from robaudit.attacks import AttackSettings, build_attacks
-from robaudit.attacks.engine import Engine, ExampleResult, stream_audit
+from robaudit.attacks.engine import DEFAULT_BATCH, Engine, ExampleResult, stream_audit
 from robaudit.attacks.losses import margin
 from robaudit.compare import Figures, check_comparable, read_figures
 from robaudit.config import ScanConfig, format_eps
@@ -144,13 +144,14 @@ def scan(
     was_training = module.training
     module.eval()
     engine = Engine(module, config.batch_size, amp=config.amp)
+    data_batch = config.batch_size or DEFAULT_BATCH
     if config.amp and device.type == "cuda":
         module.to(memory_format=torch.channels_last)
 
     def batches():
         nonlocal runtime_diff
         mine = distributed.shard(indices, ctx)
-        for i, (x, y, idx) in enumerate(iter_batches(source, mine, config.batch_size)):
+        for i, (x, y, idx) in enumerate(iter_batches(source, mine, data_batch)):
             x, y = x.to(device), y.to(device)
             if i == 0:
                 _check_outputs(module, x, len(source.class_names), warnings, sanity)
@@ -174,7 +175,7 @@ def scan(
         for finished in stream:
             # Examples complete a few at a time; record (and run onnxruntime on) them in batches.
             buffered.extend(finished)
-            if len(buffered) >= config.batch_size:
+            if len(buffered) >= data_batch:
                 flush()
             done += len(finished)
             report(Progress("attacking", done, len(indices)))
@@ -184,7 +185,7 @@ def scan(
         flush()  # the examples completed before the interrupt count
     except torch.cuda.OutOfMemoryError as exc:  # the user's fix: a smaller batch
         failure = UsageError(
-            f"out of memory on {device} with batches of {config.batch_size}; lower --batch-size"
+            f"out of memory on {device} with batches of {engine.batch_size}; lower --batch-size"
         )
         failure.__cause__ = exc
     except Exception as exc:

@@ -90,7 +90,8 @@ def _reporter_for(*outputs: str | None, verbose: int, quiet: int) -> Any:
 @click.option("--temperatures", help="T-PGD softmax temperatures; the worst case over them "
               "counts.  [default: 0.1,0.5]")
 @click.option("--seed", type=int, help="Seed for sampling and random starts.  [default: 0]")
-@click.option("--batch-size", type=int, help="Examples per batch.  [default: 256]")
+@click.option("--batch-size", type=int, help="Examples per batch.  [default: 256, and up to "
+              "4096 attacked at once for small inputs]")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option("--amp/--no-amp", default=None,
               help="bf16 autocast for the attack passes (CUDA, or a CPU with AVX512-BF16/AMX); "
@@ -269,7 +270,8 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
 @click.option("--restarts", type=int, help="Random restarts.  [default: 1]")
 @click.option("--seed", type=int, help="Seed for sampling, data order and random starts.  "
               "[default: 0]")
-@click.option("--batch-size", type=int, help="Scan batch size.  [default: 256]")
+@click.option("--batch-size", type=int, help="Scan batch size.  [default: 256, more for "
+              "small inputs]")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option("--min-class-robust", help="Gate: flag classes below this robust accuracy.")
 @click.option("--min-ratio", help="Gate: flag classes below this fraction of the class mean.")

@@ -67,7 +67,9 @@ class ScanConfig:
     restarts: int = 1
     temperatures: tuple[float, ...] = (0.1, 0.5)
     seed: int = 0
-    batch_size: int = 256
+    #: Examples per batch; None: 256, and a larger working batch for small inputs (see
+    #: robaudit.attacks.engine.auto_batch_size).
+    batch_size: int | None = None
     device: str = "auto"
     #: bf16 autocast for the attack passes (CUDA, or a CPU with bf16 instructions); every break
     #: is confirmed in full precision, and the clean pass is always full precision.
@@ -190,7 +192,7 @@ def validate(config: ScanConfig) -> None:
           f"schedule must be 'fixed' or 'halving', got {config.schedule!r}")
     check(config.steps >= 1, f"steps must be at least 1, got {config.steps}")
     check(config.restarts >= 1, f"restarts must be at least 1, got {config.restarts}")
-    check(1 <= config.batch_size <= MAX_BATCH_SIZE,
+    check(config.batch_size is None or 1 <= config.batch_size <= MAX_BATCH_SIZE,
           f"batch_size must be between 1 and {MAX_BATCH_SIZE:,}, got {config.batch_size}")
     # Negative seeds are refused by numpy's generator, which samples the data.
     check(0 <= config.seed < 2**32, f"seed must be between 0 and 2**32-1, got {config.seed}")

@@ -193,3 +193,19 @@ def test_amp_on_the_example_finds_as_much_and_every_break_is_real_in_fp32(digits
         robust[amp] = sum(all(r is not None and not r.broken for r in ex.outcomes.values())
                           for ex in done)
     assert abs(robust[True] - robust[False]) <= 6  # 3 pp of 200: the search differs, not the rule
+
+
+def test_without_a_batch_size_small_inputs_get_a_larger_working_batch():
+    from robaudit.attacks.engine import auto_batch_size
+
+    assert auto_batch_size(1 * 8 * 8) == 4096  # the example's digits: 2 MiB would be 8192 rows
+    assert auto_batch_size(1 * 28 * 28) == 668
+    assert auto_batch_size(3 * 32 * 32) == 256 == auto_batch_size(3 * 224 * 224)
+    model = Counting(ramp_model())
+    attack = PGD(0.01, steps=1, random_start=False)
+    engine = Engine(model, None)
+    engine.add_many([Job(k, torch.zeros(1, 4, 4), 0, k, attack) for k in range(300)])
+    assert engine.batch_size == 4096 and engine.free == 4096 - 300
+    engine.step()
+    assert model.sizes == [300]
+    assert Engine(model, 7).batch_size == 7  # a batch size the user gives is kept

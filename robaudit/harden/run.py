@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robaudit.attacks.engine import DEFAULT_BATCH
 from robaudit.audit import ScanResult, resolve_device, scan
 from robaudit.errors import DataError, ModelOutputError
 from robaudit.harden.calibrate import Calibration, calibrate
@@ -139,7 +140,7 @@ def harden(config: HardenConfig, *,
         calibration = calibrate(module, val, sc, config.max_clean_drop)
     report(HardenProgress("writing the hardened model"))
     out = Path(config.out)
-    diff = write_model(loaded, out, val.x[: sc.batch_size],
+    diff = write_model(loaded, out, val.x[: sc.batch_size or DEFAULT_BATCH],
                        None if calibration is None else calibration.bias)
     _write_weights(config, history, best["epoch"], calibration, val.class_names)
 

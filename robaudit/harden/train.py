@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robaudit.attacks import PGD
-from robaudit.attacks.engine import BatchAudit, audit_batch
+from robaudit.attacks.engine import BatchAudit, audit_batch, auto_batch_size
 from robaudit.attacks.losses import margin
 from robaudit.config import ScanConfig
 from robaudit.data import iter_batches, load_data, select_indices
@@ -192,10 +192,11 @@ def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,
     was_training = module.training
     module.eval()
     try:
-        for begin in range(0, len(data.y), scan.batch_size):
-            x = data.x[begin:begin + scan.batch_size]
-            y = data.y[begin:begin + scan.batch_size]
-            idx = data.index[begin:begin + scan.batch_size]
+        size = scan.batch_size or auto_batch_size(data.x[0].numel())
+        for begin in range(0, len(data.y), size):
+            x = data.x[begin:begin + size]
+            y = data.y[begin:begin + size]
+            idx = data.index[begin:begin + size]
             seeds = idx.to(torch.int64) + scan.seed * (1 << 32)
             yield idx, y, audit_batch(model, [attack], x, y, seeds)
     finally:
