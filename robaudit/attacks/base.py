@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,11 +53,25 @@ def _mix(value: int) -> int:
     return value ^ (value >> 31)
 
 
+def _seed_of(seed: int, stream: int) -> int:
+    return _mix(_mix(int(seed)) ^ int(stream)) >> 1
+
+
 def uniform_noise(x: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
     """Noise uniform in [-1, 1] shaped like one example, from that example's own generator.
 
     Seeding per example (from its data set index and the user's seed) and per run makes a result
     independent of batch size, batch order and sharding across processes.
     """
-    generator = torch.Generator().manual_seed(_mix(_mix(int(seed)) ^ int(stream)) >> 1)
+    generator = torch.Generator().manual_seed(_seed_of(seed, stream))
     return torch.empty(x.shape).uniform_(-1.0, 1.0, generator=generator)
+
+
+def fill_uniform_noise(out: torch.Tensor, keys: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Fill row ``i`` of the CPU tensor ``out`` with ``uniform_noise(out[i], *keys[i])``: the same
+    values, with one generator re-seeded per row instead of one made per row."""
+    generator = torch.Generator()
+    for row, (seed, stream) in zip(out, keys, strict=True):
+        generator.manual_seed(_seed_of(seed, stream))
+        row.uniform_(-1.0, 1.0, generator=generator)
+    return out

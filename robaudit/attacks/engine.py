@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from robaudit.attacks.base import AttackOutcome, Loss, Model, uniform_noise
+from robaudit.attacks.base import AttackOutcome, Loss, Model, fill_uniform_noise
 from robaudit.attacks.losses import margin
 from robaudit.attacks.pgd import PGD
 
@@ -200,9 +200,10 @@ class Engine:
         if noisy:
             # Each attack draws its own starts: a union of attacks from one shared start per
             # example would explore less than independent ones (and be measurably weaker).
-            noise = torch.stack([
-                uniform_noise(starts[j], jobs[j].seed, jobs[j].attack.stream + self.run[rows[j]])
-                for j in noisy]).to(device)
+            noise = fill_uniform_noise(
+                torch.empty((len(noisy), *starts.shape[1:])),
+                [(jobs[j].seed, jobs[j].attack.stream + self.run[rows[j]]) for j in noisy],
+            ).to(device)
             eps = torch.tensor([float(jobs[j].attack.eps) for j in noisy], device=device)
             eps = eps.view((-1,) + (1,) * (noise.dim() - 1))
             starts[noisy] = (starts[noisy] + eps * noise).clamp(0.0, 1.0)
