@@ -141,6 +141,10 @@ def _split_list(value: Any) -> list[Any]:
     return [value]
 
 
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text",
+               "tuple[str, ...]": "a list of names", "tuple[float, ...]": "a list of numbers"}
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Turn a command-line string or a TOML value into the field's type."""
     kind = {f.name: f.type for f in fields(ScanConfig)}[name]
@@ -168,7 +172,8 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError
             return str(value)
     except (ValueError, TypeError):
-        raise ConfigError(f"{name} has an invalid value {value!r} (expected {kind})") from None
+        expected = _KIND_WORDS.get(kind.removesuffix(" | None"), kind)
+        raise ConfigError(f"{name} has an invalid value {value!r} (expected {expected})") from None
     raise AssertionError(f"no coercion for {name}: {kind}")  # a field added without one
 
 
