@@ -244,7 +244,7 @@ def scan(
             "selected": len(indices),
             "audited": len(main),
         },
-        environment=environment(device),
+        environment={**environment(device), "working_batch": engine.batch_size},
         timings={
             "load_s": loaded - started,
             "attack_s": finished_at - loaded,

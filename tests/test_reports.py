@@ -41,6 +41,7 @@ def test_json_round_trips_and_carries_provenance(hostile_doc, tmp_path):
     assert doc["schema_version"] == SCHEMA_VERSION
     assert [c["name"] for c in doc["classes"]] == HOSTILE
     assert doc["environment"]["torch"] and doc["environment"]["robaudit"]
+    assert doc["environment"]["working_batch"] == 4096  # no --batch-size, 8x8 inputs
     assert doc["config"]["eps"] == 0.2 and doc["config"]["eps_text"] == "0.2"
     assert {a["name"] for a in doc["attacks"]} == {"pgd", "tpgd"}
     assert sum(c["n"] for c in doc["classes"]) == doc["data"]["audited"] == 80
