@@ -74,7 +74,8 @@ def thresholds(runs: dict[tuple, list[float]], steps: tuple[int, ...]) -> dict[i
     return out
 
 
-def replay(runs: dict[tuple, list[float]], limit: dict[int, float], slack: float) -> tuple[int, float]:
+def replay(runs: dict[tuple, list[float]], limit: dict[int, float],
+           slack: float) -> tuple[int, float]:
     """Broken jobs lost and the share of passes saved, had the rule been applied."""
     total = sum(len(m) for m in runs.values())
     lost = saved = 0
