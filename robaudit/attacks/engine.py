@@ -56,7 +56,7 @@ class Job:
     attack: PGD
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Finished:
     """A job's result: the first misclassified iterate, else the lowest-margin one seen."""
 
@@ -373,9 +373,10 @@ class Engine:
                 zs = self._exact(xs) if self.amp else self.best_logits[at]
             counts = self.forwards[at].tolist()
             bad = ((self._flags[at] & _BAD) > 0).tolist()
-            for k, row in enumerate(group):
-                finished.append(Finished(self.jobs[row].key, xs[k], zs[k], is_broken, counts[k],
-                                         bad[k]))
+            finished.extend(
+                Finished(self.jobs[row].key, x_adv, z, is_broken, count, was_bad)
+                for row, x_adv, z, count, was_bad in zip(group, xs.unbind(), zs.unbind(), counts,
+                                                         bad, strict=True))
         if restarting:
             self._start_runs(restarting)
         self._remove(broken + robust)

@@ -60,7 +60,7 @@ class PGD:
         self.random_start = random_start
         self.name = name
 
-    @property
+    @cached_property
     def stream(self) -> int:
         """Where this attack's random starts begin among an example's random streams."""
         return (zlib.crc32(self.name.encode()) & 0xFFFF) << 16
