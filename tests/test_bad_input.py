@@ -150,6 +150,8 @@ class Tiny(nn.Module):
             return z * float("nan")
         if self.kind == "inf":
             return z + float("inf")
+        if self.kind == "det":  # linalg.det has no bf16 kernel on the CPU: --amp cannot run it
+            return z + 0 * torch.linalg.det(z[:, :4].reshape(-1, 2, 2))[:, None]
         return z
 
 
@@ -421,6 +423,9 @@ CASES: dict[str, Case] = {
                                      ("outputs 5 classes", "has 10")),
     "output-nan": Case(with_model(torchscript("nan")), USAGE, ("NaN or inf",)),
     "output-inf": Case(with_model(exported("inf")), USAGE, ("NaN or inf",)),
+    "amp-without-bf16-kernel": Case(with_model(exported("det"), "--amp"), USAGE,
+                                    ("does not run under --amp", "BFloat16",
+                                     "run without --amp")),
     # Data
     "data-missing": Case(lambda tmp: scan(MODEL, tmp / "nope.npz"), USAGE,
                          ("no such data set", "nope.npz")),

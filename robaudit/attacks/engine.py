@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Hashable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ import torch
 from robaudit.attacks.base import AttackOutcome, Loss, Model, fill_uniform_noise
 from robaudit.attacks.losses import margin
 from robaudit.attacks.pgd import PGD
+from robaudit.errors import ModelOutputError
 
 #: The working batch when none is given, for inputs of 2**19 / 256 = 2048 values or more.
 DEFAULT_BATCH = 256
@@ -243,7 +244,7 @@ class Engine:
         xa = self.cur[:n].clone().requires_grad_(stepping)
         autocast = (torch.autocast(xa.device.type, dtype=torch.bfloat16) if self.amp
                     else nullcontext())
-        with torch.set_grad_enabled(stepping), autocast:
+        with self._amp_guard(), torch.set_grad_enabled(stepping), autocast:
             logits = self.model(xa)
         logits = logits.float()
         if self.best_logits is None:
@@ -262,11 +263,27 @@ class Engine:
 
         ended = wrong | at_end
         if stepping and not bool(ended.all()):
-            self._update(xa, logits, y, ~ended)
+            with self._amp_guard():
+                self._update(xa, logits, y, ~ended)
         self._counters[:n] += 1  # a forward pass each, and a step for those that went on
         finished = self._end(ended, wrong, xa.detach(), detached) if bool(ended.any()) else []
         self._account(names, time.perf_counter() - started)
         return finished
+
+    @contextmanager
+    def _amp_guard(self) -> Iterator[None]:
+        """Under autocast, an operation without a bf16 kernel is the user's to fix: say so."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if not self.amp:
+                raise
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()),
+                         type(exc).__name__)
+            raise ModelOutputError(
+                f"the model does not run under --amp (bf16 autocast on {self.cur.device.type}): "
+                f"{first.rstrip('.')}; run without --amp"
+            ) from exc
 
     def _confirm(self, x: torch.Tensor, logits: torch.Tensor, wrong: torch.Tensor,
                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
