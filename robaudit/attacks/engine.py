@@ -205,7 +205,7 @@ class Engine:
                 torch.empty((len(noisy), *starts.shape[1:])),
                 [(jobs[j].seed, jobs[j].attack.stream + self.run[rows[j]]) for j in noisy],
             ).to(device)
-            eps = torch.tensor([float(jobs[j].attack.eps) for j in noisy], device=device)
+            eps = self.eps[torch.tensor(rows, device=device)[noisy]]
             eps = eps.view((-1,) + (1,) * (noise.dim() - 1))
             starts[noisy] = (starts[noisy] + eps * noise).clamp(0.0, 1.0)
         at = torch.tensor(rows, device=device)
@@ -324,13 +324,12 @@ class Engine:
         direction = grad.float().sign()
 
         x_now = xa.detach()
+        view = (-1,) + (1,) * (x_now.dim() - 1)
         start = x_now
         if self._halving:
             back_to_best = self._schedule(n, x_now, losses.detach())
             if back_to_best is not None:
-                view = (-1,) + (1,) * (x_now.dim() - 1)
                 start = torch.where(back_to_best.view(view), self.best_loss_x[:n], x_now)
-        view = (-1,) + (1,) * (x_now.dim() - 1)
         moved = torch.addcmul(start, self.alpha[:n].view(view), direction)
         torch.clamp(moved, self.lo[:n], self.hi[:n], out=self.cur[:n])
 
