@@ -209,3 +209,35 @@ def test_without_a_batch_size_small_inputs_get_a_larger_working_batch():
     engine.step()
     assert model.sizes == [300]
     assert Engine(model, 7).batch_size == 7  # a batch size the user gives is kept
+
+
+def test_outcomes_do_not_depend_on_the_working_batch():
+    # Rows move when jobs end (the tail fills the holes) and restart in place: none of it may
+    # change any job's outcome, whatever the batch, schedule, restarts or mode.
+    from robaudit.attacks import AttackSettings, build_attacks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 3))
+    x = torch.rand(40, 1, 4, 4)
+    y = model(x).argmax(1)
+    batches = [(x[i:i + 16], y[i:i + 16], torch.arange(i, min(i + 16, 40)))
+               for i in range(0, 40, 16)]
+    for schedule in ("fixed", "halving"):
+        sets = [build_attacks(["pgd", "tpgd", "cw"],
+                              AttackSettings(eps=eps, steps=6, restarts=2, schedule=schedule))
+                for eps in (0.05, 0.15)]
+        for worst_case in (False, True):
+            runs = []
+            for batch_size in (3, 16, None):
+                done = [ex for part in stream_audit(model, batches, sets, batch_size=batch_size,
+                                                    worst_case=worst_case) for ex in part]
+                runs.append({(ex.index, key): (r.broken, r.forwards, r.x_adv)
+                             for ex in done for key, r in ex.outcomes.items()})
+            broken = [v[0] for v in runs[0].values()]
+            assert 0 < sum(broken) < len(broken)  # some break, some do not
+            for other in runs[1:]:
+                assert other.keys() == runs[0].keys()
+                for key, (is_broken, forwards, x_adv) in runs[0].items():
+                    assert other[key][:2] == (is_broken, forwards), key
+                    torch.testing.assert_close(other[key][2], x_adv)
