@@ -145,7 +145,7 @@ _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"
                "tuple[str, ...]": "a list of names", "tuple[float, ...]": "a list of numbers"}
 
 
-def _coerce(name: str, value: Any) -> Any:
+def coerce_value(name: str, value: Any) -> Any:
     """Turn a command-line string or a TOML value into the field's type."""
     kind = {f.name: f.type for f in fields(ScanConfig)}[name]
     if value is None:
@@ -284,7 +284,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key '{key}' in config file {path}.{hint}")
         try:
-            settings[name] = _coerce(name, value)
+            settings[name] = coerce_value(name, value)
         except ConfigError as e:
             raise ConfigError(f"{e} in config file {path}") from None
     # Input paths in a config file are relative to the file, as a user sharing one expects.
@@ -340,7 +340,7 @@ def resolve_config(
         except ConfigError as e:  # eps is checked here, not in read_config_file: say where
             raise ConfigError(f"{e} in config file {path}") from None
     given = _split_eps({k: v for k, v in cli.items() if v is not None and k != "model"})
-    given = {k: v if k in ("eps", "eps_sweep") else _coerce(k, v) for k, v in given.items()}
+    given = {k: v if k in ("eps", "eps_sweep") else coerce_value(k, v) for k, v in given.items()}
     if cli.get("eps") is not None:  # the command line's eps (or sweep) replaces the file's
         values.pop("eps_sweep", None)
     if given:

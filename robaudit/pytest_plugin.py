@@ -90,7 +90,7 @@ class Auditor:
 
     def _config(self, model: str | Path, data: str | Path | None, config: str | Path | None,
                 options: dict[str, Any]) -> Any:
-        from robaudit.config import ScanConfig, _coerce, read_config_file
+        from robaudit.config import ScanConfig, coerce_value, read_config_file
         from robaudit.errors import ConfigError
 
         values: dict[str, Any] = {}
@@ -101,7 +101,7 @@ class Auditor:
             name = key.replace("-", "_")
             if name not in fields or name in ("model", "sources"):
                 raise ConfigError(f"robaudit.scan() got an unknown option {key!r}")
-            values[name] = _coerce(name, value)
+            values[name] = coerce_value(name, value)
         if data is not None:
             values["data"] = str(data)
         if "data" not in values:
