@@ -166,8 +166,8 @@ def test_the_user_seed_changes_every_random_start():
 def test_noise_filled_in_rows_equals_each_examples_own_noise():
     from robaudit.attacks.base import fill_uniform_noise, uniform_noise
 
-    keys = [(3, 0), (3, 1), (2**40 + 3, 0), (0, 7)]
-    rows = fill_uniform_noise(torch.empty(4, 2, 3, 3), keys)
+    keys = [(3, 0), (3, 1), (2**40 + 3, 0), (0, 7), (2**64 - 1, 2**32 + 5)]
+    rows = fill_uniform_noise(torch.empty(5, 2, 3, 3), keys)
     for row, (seed, stream) in zip(rows, keys, strict=True):
         assert torch.equal(row, uniform_noise(row, seed, stream))
-    assert rows.abs().max() <= 1 and len({float(r.sum()) for r in rows}) == 4
+    assert rows.abs().max() <= 1 and len({float(r.sum()) for r in rows}) == 5

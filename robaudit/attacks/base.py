@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from robaudit.attacks.losses import margin
@@ -67,11 +68,23 @@ def uniform_noise(x: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
     return torch.empty(x.shape).uniform_(-1.0, 1.0, generator=generator)
 
 
+def _mix_many(values: np.ndarray) -> np.ndarray:
+    """:func:`_mix` of every element of a uint64 array (numpy's uint64 arithmetic wraps)."""
+    v = values + np.uint64(0x9E3779B97F4A7C15)
+    v = (v ^ (v >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    v = (v ^ (v >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return v ^ (v >> np.uint64(31))
+
+
 def fill_uniform_noise(out: torch.Tensor, keys: Sequence[tuple[int, int]]) -> torch.Tensor:
     """Fill row ``i`` of the CPU tensor ``out`` with ``uniform_noise(out[i], *keys[i])``: the same
-    values, with one generator re-seeded per row instead of one made per row."""
+    values, with the seeds mixed at once and one generator re-seeded per row."""
+    if not keys:
+        return out
+    seeds, streams = (np.array(column, dtype=np.uint64) for column in zip(*keys, strict=True))
     generator = torch.Generator()
-    for row, (seed, stream) in zip(out, keys, strict=True):
-        generator.manual_seed(_seed_of(seed, stream))
+    for row, seed in zip(out, (_mix_many(_mix_many(seeds) ^ streams) >> np.uint64(1)).tolist(),
+                         strict=True):
+        generator.manual_seed(seed)
         row.uniform_(-1.0, 1.0, generator=generator)
     return out
