@@ -45,31 +45,10 @@ class AttackOutcome:
         return cls(x.clone(), zeros.bool(), logits.clone(), zeros, zeros.bool())
 
 
-def _mix(value: int) -> int:
-    """SplitMix64: every bit of ``value`` reaches the low 32 bits, which are all that
-    torch's CPU generator (a Mersenne Twister) takes from its seed."""
-    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return value ^ (value >> 31)
-
-
-def _seed_of(seed: int, stream: int) -> int:
-    return _mix(_mix(int(seed)) ^ int(stream)) >> 1
-
-
-def uniform_noise(x: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
-    """Noise uniform in [-1, 1] shaped like one example, from that example's own generator.
-
-    Seeding per example (from its data set index and the user's seed) and per run makes a result
-    independent of batch size, batch order and sharding across processes.
-    """
-    generator = torch.Generator().manual_seed(_seed_of(seed, stream))
-    return torch.empty(x.shape).uniform_(-1.0, 1.0, generator=generator)
-
-
-def _mix_many(values: np.ndarray) -> np.ndarray:
-    """:func:`_mix` of every element of a uint64 array (numpy's uint64 arithmetic wraps)."""
+def _mix(values: np.ndarray) -> np.ndarray:
+    """SplitMix64 of every element of a uint64 array (numpy's uint64 arithmetic wraps): every bit
+    of a value reaches the low 32 bits, which are all that torch's CPU generator (a Mersenne
+    Twister) takes from its seed."""
     v = values + np.uint64(0x9E3779B97F4A7C15)
     v = (v ^ (v >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     v = (v ^ (v >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -77,13 +56,17 @@ def _mix_many(values: np.ndarray) -> np.ndarray:
 
 
 def fill_uniform_noise(out: torch.Tensor, keys: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Fill row ``i`` of the CPU tensor ``out`` with ``uniform_noise(out[i], *keys[i])``: the same
-    values, with the seeds mixed at once and one generator re-seeded per row."""
+    """Fill row ``i`` of the CPU tensor ``out`` with noise uniform in [-1, 1] from the generator of
+    ``keys[i] = (seed, stream)``: one example (its data set index and the user's seed) and one run.
+
+    Seeding per example and per run makes a result independent of batch size, batch order and
+    sharding across processes.
+    """
     if not keys:
         return out
     seeds, streams = (np.array(column, dtype=np.uint64) for column in zip(*keys, strict=True))
     generator = torch.Generator()
-    for row, seed in zip(out, (_mix_many(_mix_many(seeds) ^ streams) >> np.uint64(1)).tolist(),
+    for row, seed in zip(out, (_mix(_mix(seeds) ^ streams) >> np.uint64(1)).tolist(),
                          strict=True):
         generator.manual_seed(seed)
         row.uniform_(-1.0, 1.0, generator=generator)
