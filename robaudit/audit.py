@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
@@ -19,11 +19,10 @@ import numpy as np
 import torch
 
 from robaudit import __version__, distributed
-from robaudit.attacks import AttackSettings, build_attacks
-from robaudit.attacks.engine import DEFAULT_BATCH, Engine, ExampleResult, stream_audit
-from robaudit.attacks.losses import margin
+from robaudit.attacks import Attack, build_attacks
+from robaudit.attacks.engine import DEFAULT_BATCH, EnginePool, ExampleResult, stream_audit
 from robaudit.compare import Figures, check_comparable, read_figures
-from robaudit.config import ScanConfig, format_eps
+from robaudit.config import ScanConfig, attack_settings, describe_attacks, format_eps, gate_policy
 from robaudit.data import DataSource, iter_batches, load_data, select_indices
 from robaudit.errors import (
     ConfigError,
@@ -33,9 +32,11 @@ from robaudit.errors import (
     UsageError,
 )
 from robaudit.gallery import make_gallery
-from robaudit.gate import GatePolicy, Verdict, judge
+from robaudit.gate import Verdict, judge
+from robaudit.masking import ESCALATION, Escalation, class_signs, survivors, unreliable_classes
 from robaudit.metrics import ClassStats, Records, Summary, class_stats, confusion, summarize
-from robaudit.models import load_model, verify_runtime
+from robaudit.models import LoadedModel, load_model, verify_runtime
+from robaudit.recording import merge_columns, record
 
 #: Examples beyond which a single disagreement between torch and onnxruntime is only a warning.
 RUNTIME_AGREEMENT_WARN = 0.01
@@ -77,6 +78,14 @@ class ScanResult:
     created: str = ""
     #: The baseline report's figures, when the gate judged drops against one.
     baseline: Figures | None = None
+    #: Each attack that ran, escalation's included: its name, settings and description.
+    attacks: list[dict[str, Any]] = field(default_factory=list)
+    #: What the masking checks saw, where escalation ran, and which classes stay unreliable.
+    escalation: Escalation = field(default_factory=Escalation)
+
+    @property
+    def attack_names(self) -> list[str]:
+        return [a["name"] for a in self.attacks] or list(self.config.attacks)
 
     @property
     def flagged(self) -> list[Verdict]:
@@ -97,13 +106,52 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def scan(
     config: ScanConfig, *, progress: Callable[[Progress], None] | None = None
 ) -> ScanResult:
-    """Audit ``config.model`` on ``config.data``.
+    """Audit ``config.model`` on ``config.data``: load, attack (escalating where the sanity
+    checks see masking), measure, judge.
 
     Ctrl-C (``KeyboardInterrupt``) during the attacks does not lose the work done: the result
     covers the examples finished so far and has ``partial=True``.
     """
     started = time.perf_counter()
     report = progress or (lambda _p: None)
+    loaded = _load(config, report)
+    attacked = _attack(config, loaded, report)
+    return _judge(config, loaded, attacked, started)
+
+
+@dataclass
+class _Loaded:
+    """The load phase's result: where to run, what to audit, with which attacks."""
+
+    ctx: distributed.Context
+    device: torch.device
+    baseline: Figures | None
+    source: DataSource
+    indices: np.ndarray
+    model: LoadedModel
+    eps_list: list[float]
+    #: Which ε of ``eps_list`` the gate judges.
+    gate_e: int
+    attack_sets: list[list[Attack]]
+    seconds: float
+
+
+@dataclass
+class _Attacked:
+    """The attack phase's result: per-example records at each ε, and what was seen."""
+
+    records: list[Records]
+    warnings: list[str]
+    sanity: list[dict[str, str]]
+    runtime_diff: float | None
+    partial: bool
+    pool: EnginePool
+    escalation: Escalation
+    seconds: float
+
+
+def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
+    started = time.perf_counter()
     ctx = distributed.context()
     device = resolve_device(config.device, ctx.local_rank)
     distributed.init(ctx, device)
@@ -113,7 +161,6 @@ def scan(
     if baseline is not None:
         check_comparable(baseline, eps=config.eps, attacks=config.attacks, audited=None,
                          against="this scan")
-
     report(Progress("loading data", 0, 0))
     source = load_data(
         config.data, root=config.data_root, download=config.download, split=config.split,
@@ -129,127 +176,193 @@ def scan(
         config.model, arch=config.arch, num_classes=config.num_classes,
         mean=config.mean, std=config.std, device=device,
     )
-    loaded = time.perf_counter()
-
     eps_list = list(config.eps_sweep) or [config.eps]
     gate_e = min(range(len(eps_list)), key=lambda e: abs(eps_list[e] - config.eps))
-    attack_sets = [build_attacks(config.attacks, _settings(config, eps)) for eps in eps_list]
-    records = [Records(attack_names=list(config.attacks)) for _ in eps_list]
-    warnings: list[str] = []
-    sanity: list[dict[str, str]] = []
-    runtime = model.runtime if config.runtime_check else None
-    runtime_diff: float | None = None
-    partial = False
-    module = model.module
+    attack_sets = [build_attacks(config.attacks, attack_settings(config, eps))
+                   for eps in eps_list]
+    return _Loaded(ctx, device, baseline, source, indices, model, eps_list, gate_e, attack_sets,
+                   time.perf_counter() - started)
+
+
+def _attack(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], None]) -> _Attacked:
+    """Every attack on every selected example (this rank's shard), then escalation."""
+    started = time.perf_counter()
+    module = loaded.model.module
     was_training = module.training
     module.eval()
-    engine = Engine(module, config.batch_size, amp=config.amp)
-    data_batch = config.batch_size or DEFAULT_BATCH
-    if config.amp and device.type == "cuda":
+    pool = EnginePool(module, config.batch_size, amp=config.amp)
+    if config.amp and loaded.device.type == "cuda":
         module.to(memory_format=torch.channels_last)
-
-    def batches():
-        nonlocal runtime_diff
-        mine = distributed.shard(indices, ctx)
-        for i, (x, y, idx) in enumerate(iter_batches(source, mine, data_batch)):
-            x, y = x.to(device), y.to(device)
-            if i == 0:
-                _check_outputs(module, x, len(source.class_names), warnings, sanity)
-                if runtime is not None:
-                    runtime_diff = verify_runtime(model, x.cpu())
-            yield x, y, idx
-
-    done = 0
+    run = _Attacked([Records(attack_names=list(config.attacks)) for _ in loaded.eps_list], [],
+                    [], None, False, pool, Escalation(), 0.0)
     failure: Exception | None = None
-    buffered: list[ExampleResult] = []
-
-    def flush() -> None:
-        for e, rec in enumerate(records):
-            _record(rec, buffered, e, runtime if e == gate_e else None)
-        buffered.clear()
-
     try:
-        stream = stream_audit(module, batches(), attack_sets, batch_size=config.batch_size,
-                              seed=config.seed, worst_case=config.mode == "worst-case",
-                              engine=engine)
-        for finished in stream:
-            # Examples complete a few at a time; record (and run onnxruntime on) them in batches.
-            buffered.extend(finished)
-            if len(buffered) >= data_batch:
-                flush()
-            done += len(finished)
-            report(Progress("attacking", done, len(indices)))
-        flush()
+        _stream(config, loaded, run, report)
     except KeyboardInterrupt:
-        partial = True
-        flush()  # the examples completed before the interrupt count
+        run.partial = True
     except torch.cuda.OutOfMemoryError as exc:  # the user's fix: a smaller batch
-        failure = UsageError(
-            f"out of memory on {device} with batches of {engine.batch_size}; lower --batch-size"
-        )
+        failure = UsageError(f"out of memory on {loaded.device} with batches of "
+                             f"{pool.batch_size}; lower --batch-size")
         failure.__cause__ = exc
     except Exception as exc:
         failure = exc
     finally:
         module.train(was_training)
+    ctx = loaded.ctx
     if failure is not None and not ctx.active:
         raise failure
     # Under torchrun: every rank gets every rank's records, or every rank the first failure.
-    records = [distributed.gather(rec, ctx, failure) for rec in records]
-    partial = distributed.any_partial(partial, ctx)
-    finished_at = time.perf_counter()
+    run.records = [distributed.gather(rec, ctx, failure) for rec in run.records]
+    run.partial = distributed.any_partial(run.partial, ctx)
+    if not run.partial and len(run.records[loaded.gate_e]):
+        _escalate(config, loaded, run, report)
+    run.seconds = time.perf_counter() - started
+    return run
 
-    main = records[gate_e]
+
+def _stream(config: ScanConfig, loaded: _Loaded, run: _Attacked,
+            report: Callable[[Progress], None]) -> None:
+    """The attack loop: records examples as they complete (all of them kept on Ctrl-C)."""
+    module, source, device = loaded.model.module, loaded.source, loaded.device
+    runtime = loaded.model.runtime if config.runtime_check else None
+    data_batch = config.batch_size or DEFAULT_BATCH
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        mine = distributed.shard(loaded.indices, loaded.ctx)
+        for i, (x, y, idx) in enumerate(iter_batches(source, mine, data_batch)):
+            x, y = x.to(device), y.to(device)
+            if i == 0:
+                _check_outputs(module, x, len(source.class_names), run.warnings, run.sanity)
+                if runtime is not None:
+                    run.runtime_diff = verify_runtime(loaded.model, x.cpu())
+            yield x, y, idx
+
+    buffered: list[ExampleResult] = []
+
+    def flush() -> None:
+        for e, rec in enumerate(run.records):
+            record(rec, buffered, e, runtime if e == loaded.gate_e else None)
+        buffered.clear()
+
+    done = 0
+    try:
+        for finished in stream_audit(module, batches(), loaded.attack_sets,
+                                     batch_size=config.batch_size, seed=config.seed,
+                                     worst_case=config.mode == "worst-case", engine=run.pool):
+            # Examples complete a few at a time; record (and run onnxruntime on) them in batches.
+            buffered.extend(finished)
+            if len(buffered) >= data_batch:
+                flush()
+            done += len(finished)
+            report(Progress("attacking", done, len(loaded.indices)))
+    finally:
+        flush()  # on Ctrl-C too: the examples completed before it count
+
+
+def _escalate(config: ScanConfig, loaded: _Loaded, run: _Attacked,
+              report: Callable[[Progress], None]) -> None:
+    """Where the figures show signs of masking, attack the survivors of the classes concerned
+    with the scale-invariant loss and the gradient-free attack; judge what remains."""
+    started = time.perf_counter()
+    names = loaded.source.class_names
+    gate = run.records[loaded.gate_e]
+    signs = class_signs(gate, names, [item["check"] for item in run.sanity],
+                        sweep=run.records if len(run.records) > 1 else (), mode=config.mode)
+    extra = [a for a in ESCALATION if a not in config.attacks] if config.escalate else []
+    escalation = Escalation(signs=signs)
+    if signs and extra:
+        escalation.attacks = tuple(extra)
+        module = loaded.model.module
+        module.eval()
+        try:
+            for e, rec in enumerate(run.records):
+                count = _escalate_at(config, loaded, run, e, rec, list(signs), extra, report)
+                if e == loaded.gate_e:
+                    escalation.examples = count
+        except KeyboardInterrupt:
+            run.partial = True  # the figures before escalation stand; it is marked partial
+        finally:
+            module.train(False)
+    escalation.unreliable = unreliable_classes(
+        gate, names, signs, [a for a in ESCALATION if a in gate.attack_names])
+    escalation.seconds = time.perf_counter() - started
+    run.escalation = escalation
+
+
+def _escalate_at(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, rec: Records,
+                 classes: list[str], extra: list[str],
+                 report: Callable[[Progress], None]) -> int:
+    settings = replace(attack_settings(config, loaded.eps_list[e]),
+                       queries=config.escalation_queries)
+    attacks = build_attacks(extra, settings)
+    targets = survivors(rec, loaded.source.class_names, classes)
+    mine = distributed.shard(targets, loaded.ctx)
+    data_batch = config.batch_size or DEFAULT_BATCH
+    runtime = loaded.model.runtime if config.runtime_check and e == loaded.gate_e else None
+    found = Records(attack_names=list(extra))
+    batches = ((x.to(loaded.device), y.to(loaded.device), idx)
+               for x, y, idx in iter_batches(loaded.source, mine, data_batch))
+    done = 0
+    for finished in stream_audit(loaded.model.module, batches, [attacks],
+                                 batch_size=config.batch_size, seed=config.seed,
+                                 worst_case=True, engine=run.pool):
+        record(found, finished, 0, runtime)
+        done += len(finished)
+        report(Progress("escalating", done, len(mine)))
+    merge_columns(rec, distributed.gather(found, loaded.ctx))
+    return len(targets)
+
+
+def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) -> ScanResult:
+    """Figures per class and across classes, the gate's verdicts, the gallery: the result."""
+    main = run.records[loaded.gate_e]
     if len(main) == 0:
-        if partial:
+        if run.partial:
             raise KeyboardInterrupt
         raise NothingToAudit("nothing to audit: no examples were selected")
-    stats = class_stats(main, source.class_names)
+    names = loaded.source.class_names
+    stats = class_stats(main, names)
     summary = summarize(main, stats)
-    policy = GatePolicy(
-        min_class_robust=config.min_class_robust, min_ratio=config.min_ratio,
-        max_gap=config.max_gap, max_drop=config.max_drop, significance=config.significance,
-        on=config.gate_on,
-    )
-    verdicts = judge(stats, policy, baseline.robust.get(config.gate_on) if baseline else None)
-    sweep = _sweep(records, eps_list, source.class_names) if len(eps_list) > 1 else []
-    sanity.extend(_sanity_checks(summary, sweep, config))
-    warnings.extend(_runtime_warnings(summary))
-    warnings.extend(item["message"] for item in sanity)
-    gallery = {}
-    if not partial and ctx.is_main:  # only rank 0 writes reports
+    baseline = loaded.baseline
+    verdicts = judge(stats, gate_policy(config),
+                     baseline.robust.get(config.gate_on) if baseline else None,
+                     unreliable=run.escalation.unreliable,
+                     allow_unreliable=config.allow_unreliable)
+    sweep = _sweep(run.records, loaded.eps_list, names) if len(run.records) > 1 else []
+    sanity = run.sanity + _sanity_checks(summary, sweep, config)
+    warnings = run.warnings + _runtime_warnings(summary) + [item["message"] for item in sanity]
+    warnings += _escalation_warnings(run.escalation)
+    gallery, partial = {}, run.partial
+    if not partial and loaded.ctx.is_main:  # only rank 0 writes reports
         flagged = [v.index for v in verdicts if not v.passed]
         try:
-            gallery = make_gallery(module, source, main, flagged, attack_sets[gate_e],
-                                   seed=config.seed, device=device)
+            gallery = make_gallery(loaded.model.module, loaded.source, main, flagged,
+                                   _gate_attacks(config, loaded, run.escalation),
+                                   seed=config.seed, device=loaded.device)
         except KeyboardInterrupt:  # every figure is in: keep them, only the pictures are lost
             partial = True
+    attacks = list(main.attack_names)
     return ScanResult(
         config=config,
-        class_names=list(source.class_names),
+        class_names=list(names),
         stats=stats,
         summary=summary,
         verdicts=verdicts,
-        confusion={a: confusion(main, len(source.class_names), a) for a in config.attacks},
-        model={
-            "path": str(model.path),
-            "format": model.format,
-            "description": model.description,
-            "runtime_max_abs_diff": runtime_diff,
-        },
+        confusion={a: confusion(main, len(names), a) for a in attacks},
+        model=_model_info(loaded.model, run.runtime_diff),
         data={
             "spec": config.data,
-            "description": source.description,
-            "size": len(source.targets),
-            "selected": len(indices),
+            "description": loaded.source.description,
+            "size": len(loaded.source.targets),
+            "selected": len(loaded.indices),
             "audited": len(main),
         },
-        environment={**environment(device), "working_batch": engine.batch_size},
+        environment={**environment(loaded.device), "working_batch": run.pool.batch_size},
         timings={
-            "load_s": loaded - started,
-            "attack_s": finished_at - loaded,
+            "load_s": loaded.seconds,
+            "attack_s": run.seconds,
             "total_s": time.perf_counter() - started,
-            **{f"{a}_s": engine.seconds.get(a, 0.0) for a in config.attacks},
+            **{f"{a}_s": run.pool.seconds.get(a, 0.0) for a in attacks},
         },
         warnings=warnings,
         sanity=sanity,
@@ -258,7 +371,31 @@ def scan(
         partial=partial,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         baseline=baseline,
+        attacks=describe_attacks(config, attacks),
+        escalation=run.escalation,
     )
+
+
+def _gate_attacks(config: ScanConfig, loaded: _Loaded, escalation: Escalation) -> list[Attack]:
+    """Every attack that ran at the gate's ε, escalation's with its own budget."""
+    settings = replace(attack_settings(config, config.eps), queries=config.escalation_queries)
+    return [*loaded.attack_sets[loaded.gate_e], *build_attacks(escalation.attacks, settings)]
+
+
+def _model_info(model: LoadedModel, runtime_diff: float | None) -> dict[str, Any]:
+    return {"path": str(model.path), "format": model.format, "description": model.description,
+            "runtime_max_abs_diff": runtime_diff}
+
+
+def _escalation_warnings(escalation: Escalation) -> list[str]:
+    if not escalation.ran:
+        return []
+    classes = ", ".join(sorted(escalation.signs))
+    found = [f"escalated: signs of gradient masking in class(es) {classes}; "
+             f"{' and '.join(escalation.attacks)} attacked their {escalation.examples} "
+             "surviving examples"]
+    found += [f"class {name} is unreliable: {why}" for name, why in escalation.unreliable.items()]
+    return found
 
 
 def _read_baseline(path: str) -> Figures:
@@ -266,14 +403,6 @@ def _read_baseline(path: str) -> Figures:
         return read_figures(path)
     except UsageError as e:
         raise UsageError(f"--baseline: {e}") from None
-
-
-def _settings(config: ScanConfig, eps: float) -> AttackSettings:
-    # An explicit step size is in pixel units at the gate's eps: scale it with a sweep's eps.
-    step_size = None if config.step_size is None else config.step_size * eps / config.eps
-    return AttackSettings(eps=eps, steps=config.steps, step_size=step_size,
-                          restarts=config.restarts, temperatures=config.temperatures,
-                          schedule=config.schedule)
 
 
 def _select(source: DataSource, config: ScanConfig) -> np.ndarray:
@@ -344,39 +473,6 @@ def _check_outputs(module: torch.nn.Module, x: torch.Tensor, num_classes: int,
             "the model's outputs look like probabilities (non-negative rows summing to 1); "
             "attacks need logits, so robust accuracy may be overestimated: export the model "
             "without its final softmax")})
-
-
-def _record(records: Records, examples: list[ExampleResult], e: int,
-            runtime: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-    """Append finished examples' outcomes at the ``e``-th ε to ``records``."""
-    if not examples:
-        return
-    y = torch.tensor([ex.y for ex in examples])
-    clean = torch.stack([ex.clean_logits.float().cpu() for ex in examples])
-    records.index.append(np.array([ex.index for ex in examples], dtype=np.int64))
-    records.y.append(y.numpy())
-    records.clean_pred.append(clean.argmax(dim=1).numpy())
-    records.clean_margin.append(margin(clean, y).numpy())
-    adv_x: dict[str, torch.Tensor] = {}
-    for name in records.attack_names:
-        results = [ex.outcomes[(e, name)] for ex in examples]
-        logits = torch.stack([clean[i] if r is None else r.logits.float().cpu()
-                              for i, r in enumerate(results)])
-        records.adv_pred.setdefault(name, []).append(logits.argmax(dim=1).numpy())
-        records.adv_margin.setdefault(name, []).append(margin(logits, y).numpy())
-        records.forwards.setdefault(name, []).append(
-            np.array([0 if r is None else r.forwards for r in results], dtype=np.int64))
-        records.bad_gradient.setdefault(name, []).append(
-            np.array([False if r is None else r.bad_gradient for r in results]))
-        if runtime is not None:
-            adv_x[name] = torch.stack([ex.x.cpu() if r is None else r.x_adv.cpu()
-                                       for ex, r in zip(examples, results, strict=True)])
-    if runtime is not None:
-        # The deployed runtime sees the same adversarial inputs: does it agree they break?
-        xs = torch.stack([ex.x.cpu() for ex in examples])
-        records.runtime_clean_pred.append(runtime(xs).argmax(dim=1).numpy())
-        for name, x_adv in adv_x.items():
-            records.runtime_pred.setdefault(name, []).append(runtime(x_adv).argmax(dim=1).numpy())
 
 
 def _sweep(records: list[Records], eps_list: list[float],

@@ -11,13 +11,17 @@ import dataclasses
 import difflib
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robaudit.errors import ConfigError
+from robaudit.gate import GatePolicy
+
+if TYPE_CHECKING:
+    from robaudit.attacks import AttackSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,7 +55,23 @@ class ScanConfig:
     std: tuple[float, ...] | None = None
     runtime_check: bool = True
     # Attacks
+    #: Attack names, or one preset: ``fast`` (PGD + T-PGD) or ``standard`` (AutoAttack's
+    #: APGD-CE, APGD-T and Square, each on the survivors of the previous ones).
     attacks: tuple[str, ...] = ("pgd", "tpgd")
+    #: The threat model: ``linf`` or ``l2`` (eps is then the L2 radius in pixel units).
+    norm: str = "linf"
+    #: Square's queries per example (AutoAttack's 5000 when Square is among the attacks).
+    queries: int = 5000
+    #: Targeted attacks' target classes (the most likely wrong ones; AutoAttack's 9).
+    targets: int = 9
+    #: Where the sanity checks see signs of gradient masking, run the scale-invariant DLR loss
+    #: and the gradient-free Square on the survivors of the classes concerned.
+    escalate: bool = True
+    #: Square's queries per example when it runs as escalation.
+    escalation_queries: int = 1000
+    #: Judge classes whose signs of masking remain after escalation on their figures alone,
+    #: instead of failing them as unreliable.
+    allow_unreliable: bool = False
     #: The ε the gate judges. With a sweep, every ε in ``eps_sweep`` is attacked too.
     eps: float = 8 / 255
     eps_sweep: tuple[float, ...] = ()
@@ -96,6 +116,14 @@ class ScanConfig:
     sources: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
+        from robaudit.attacks import PRESETS
+
+        if len(self.attacks) == 1 and self.attacks[0] in PRESETS:
+            # A preset is a list of attacks; ``standard`` runs them AutoAttack's way.
+            preset = self.attacks[0]
+            object.__setattr__(self, "attacks", PRESETS[preset])
+            if preset == "standard":
+                object.__setattr__(self, "mode", "worst-case")
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,10 +213,13 @@ def validate(config: ScanConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
-    check(0 < config.eps <= 1, f"eps must be in (0, 1] in pixel units, got {config.eps:g}; "
+    # An L2 radius may exceed 1 (the whole image's perturbation); an L∞ one may not.
+    top = 1.0 if config.norm == "linf" else float("inf")
+    where = "in (0, 1]" if config.norm == "linf" else "positive"
+    check(0 < config.eps <= top, f"eps must be {where} in pixel units, got {config.eps:g}; "
           "for 8-bit images write e.g. 8/255")
-    check(all(0 < e <= 1 for e in config.eps_sweep),
-          f"every eps must be in (0, 1], got {', '.join(format_eps(e) for e in config.eps_sweep)}")
+    check(all(0 < e <= top for e in config.eps_sweep),
+          f"every eps must be {where}, got {', '.join(format_eps(e) for e in config.eps_sweep)}")
     check(not config.eps_sweep or any(abs(e - config.eps) < 1e-12 for e in config.eps_sweep),
           f"the gate's eps {format_eps(config.eps)} is not one of the eps swept")
     check(config.mode in ("each", "worst-case"),
@@ -197,6 +228,11 @@ def validate(config: ScanConfig) -> None:
           f"schedule must be 'fixed' or 'halving', got {config.schedule!r}")
     check(config.steps >= 1, f"steps must be at least 1, got {config.steps}")
     check(config.restarts >= 1, f"restarts must be at least 1, got {config.restarts}")
+    check(config.norm in ("linf", "l2"), f"norm must be 'linf' or 'l2', got {config.norm!r}")
+    check(config.queries >= 1, f"queries must be at least 1, got {config.queries}")
+    check(config.escalation_queries >= 1,
+          f"escalation_queries must be at least 1, got {config.escalation_queries}")
+    check(config.targets >= 1, f"targets must be at least 1, got {config.targets}")
     check(config.batch_size is None or 1 <= config.batch_size <= MAX_BATCH_SIZE,
           f"batch_size must be between 1 and {MAX_BATCH_SIZE:,}, got {config.batch_size}")
     # Negative seeds are refused by numpy's generator, which samples the data.
@@ -245,6 +281,54 @@ def validate(config: ScanConfig) -> None:
     check(config.arch is None or ":" in config.arch,
           "arch must look like torchvision:resnet18 or package.module:factory, "
           f"got {config.arch!r}")
+
+
+def attack_settings(config: ScanConfig, eps: float) -> AttackSettings:
+    """The attacks' hyperparameters at one ε of the scan."""
+    from robaudit.attacks import AttackSettings
+
+    # An explicit step size is in pixel units at the gate's eps: scale it with a sweep's eps.
+    step_size = None if config.step_size is None else config.step_size * eps / config.eps
+    return AttackSettings(eps=eps, steps=config.steps, step_size=step_size,
+                          restarts=config.restarts, temperatures=config.temperatures,
+                          schedule=config.schedule, norm=config.norm, queries=config.queries,
+                          targets=config.targets)
+
+
+def describe_attacks(config: ScanConfig, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Each attack as it ran at the gate's ε (escalation's with its own query budget): for the
+    reports."""
+    from robaudit.attacks import ATTACKS, build_attack
+
+    settings = attack_settings(config, config.eps)
+    described = []
+    for name in names:
+        escalated = name not in config.attacks
+        queries = config.escalation_queries if escalated else config.queries
+        attack = build_attack(name, dataclasses.replace(settings, queries=queries))
+        entry: dict[str, Any] = {"name": name, "description": ATTACKS[name][1],
+                                 "eps": config.eps, "norm": config.norm, "escalation": escalated}
+        if attack.uses_gradient:
+            entry.update(steps=attack.steps, step_size=attack.initial_step_size,
+                         restarts=attack.restarts, schedule=attack.schedule)
+            targets = sum(o.target_rank > 0 for o in attack.objectives)
+            if targets:
+                entry["targets"] = targets
+        else:
+            entry["queries"] = attack.queries
+        if name == "tpgd":
+            entry["temperatures"] = list(config.temperatures)
+        described.append(entry)
+    return described
+
+
+def gate_policy(config: ScanConfig) -> GatePolicy:
+    """The fairness gate the configuration asks for."""
+    return GatePolicy(
+        min_class_robust=config.min_class_robust, min_ratio=config.min_ratio,
+        max_gap=config.max_gap, max_drop=config.max_drop, significance=config.significance,
+        on=config.gate_on,
+    )
 
 
 def find_config_file(cwd: Path) -> Path | None:

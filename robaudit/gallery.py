@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from robaudit.attacks.base import Attack, example_seed
 from robaudit.attacks.engine import Job, run_jobs
-from robaudit.attacks.pgd import PGD
 from robaudit.data import DataSource
 from robaudit.metrics import Records
 
@@ -58,7 +58,7 @@ def make_gallery(
     source: DataSource,
     records: Records,
     flagged: Sequence[int],
-    attacks: Sequence[PGD],
+    attacks: Sequence[Attack],
     *,
     seed: int,
     device: torch.device,
@@ -79,7 +79,8 @@ def make_gallery(
     if not chosen:
         return {}
     xs = {i: source.dataset[i][0].to(device) for _, i in chosen}
-    jobs = [Job((i, a.name), xs[i], c, i + seed * (1 << 32), a) for c, i in chosen for a in attacks]
+    jobs = [Job((i, a.name), xs[i], c, example_seed(i, seed), a)
+            for c, i in chosen for a in attacks]
     was_training = model.training
     model.eval()
     try:
@@ -104,7 +105,13 @@ def make_gallery(
             "attack": attack.name,
             "clean": _png(xs[i]),
             "adversarial": _png(hit.x_adv),
-            # Scaled so the full ±eps range spans black to white.
-            "perturbation": _png(0.5 + delta / (2 * attack.eps)),
+            # Scaled so the full ±eps range (L2: the largest change) spans black to white.
+            "perturbation": _png(0.5 + delta / (2 * _scale(attack, delta))),
         })
     return gallery
+
+
+def _scale(attack: Attack, delta: torch.Tensor) -> float:
+    if attack.norm == "linf":
+        return attack.eps
+    return float(delta.abs().max()) or 1.0

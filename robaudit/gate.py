@@ -52,18 +52,38 @@ class Verdict:
     name: str
     robust_acc: float
     failures: tuple[Failure, ...]
+    #: Why the class's figure cannot be trusted (signs of gradient masking that escalation did
+    #: not remove), or None. Unless the user allowed it, this is also one of the failures.
+    unreliable: str | None = None
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    @property
+    def status(self) -> str:
+        """``passed``, ``flagged`` (a policy failed) or ``unreliable`` (the figure is masked)."""
+        if any(f.policy == UNRELIABLE for f in self.failures):
+            return UNRELIABLE
+        return "passed" if self.passed else "flagged"
+
+
+#: The policy name of the failure an unreliable class gets.
+UNRELIABLE = "unreliable"
 
 
 def judge(
     stats: Sequence[ClassStats],
     policy: GatePolicy,
     baseline: Mapping[str, float] | None = None,
+    *,
+    unreliable: Mapping[str, str] | None = None,
+    allow_unreliable: bool = False,
 ) -> list[Verdict]:
-    """A verdict per class. ``baseline`` maps class names to their robust accuracy before."""
+    """A verdict per class. ``baseline`` maps class names to their robust accuracy before;
+    ``unreliable`` maps class names to why their figure is masked: such a class fails whatever
+    its figure, unless ``allow_unreliable``."""
+    unreliable = unreliable or {}
     present = [s for s in stats if s.n > 0]
     accs = [s.robust[policy.on].acc for s in present]
     mean = sum(accs) / len(accs) if accs else 0.0
@@ -105,5 +125,12 @@ def judge(
                     f"robust accuracy {shown} dropped {baseline[s.name] - rate.acc:.1%} from the "
                     f"baseline {baseline[s.name]:.1%}; allowed drop {policy.max_drop:.1%}",
                 ))
-        verdicts.append(Verdict(s.index, s.name, rate.acc, tuple(failures)))
+        why = unreliable.get(s.name)
+        if why is not None and not allow_unreliable:
+            failures.insert(0, Failure(
+                UNRELIABLE, rate.acc, float("nan"),
+                f"unreliable: {why} (robust accuracy {rate.acc:.1%} is an upper bound; "
+                "--allow-unreliable judges it on its figures alone)",
+            ))
+        verdicts.append(Verdict(s.index, s.name, rate.acc, tuple(failures), why))
     return verdicts

@@ -1,4 +1,7 @@
-"""Attacks in the L∞ ball, in pixel space [0, 1], and the engine that runs them on a batch."""
+"""Attacks in the L∞ or L2 ball, in pixel space [0, 1], and the engine that runs them.
+
+An attack is one file (its step rule) and one line in :data:`ATTACKS` below.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,26 @@ import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from robaudit.attacks.base import AttackOutcome
-from robaudit.attacks.losses import cw_margin, temperature_cross_entropy
+from robaudit.attacks.base import NORMS, Attack, AttackOutcome, example_seed
+from robaudit.attacks.losses import (
+    cross_entropy_targeted,
+    cw_margin,
+    dlr,
+    dlr_targeted,
+    temperature_cross_entropy,
+)
 from robaudit.attacks.pgd import PGD
+from robaudit.attacks.square import Square
 from robaudit.errors import ConfigError
 
-__all__ = ["ATTACKS", "PGD", "AttackOutcome", "AttackSettings", "build_attack", "build_attacks"]
+__all__ = ["ATTACKS", "NORMS", "PGD", "PRESETS", "Attack", "AttackOutcome", "AttackSettings",
+           "Square", "build_attack", "build_attacks", "example_seed"]
+
+#: AutoAttack's reference budgets (Croce and Hein 2020): APGD's iterations, APGD-T's target
+#: classes, Square's queries.
+REFERENCE_STEPS = 100
+REFERENCE_TARGETS = 9
+REFERENCE_QUERIES = 5000
 
 
 @dataclass(frozen=True)
@@ -24,49 +41,78 @@ class AttackSettings:
     restarts: int = 1
     temperatures: tuple[float, ...] = (0.1, 0.5)
     schedule: str = "halving"
+    norm: str = "linf"
+    #: Square's queries per example.
+    queries: int = REFERENCE_QUERIES
+    #: Target classes of the targeted attacks (the most likely wrong ones).
+    targets: int = REFERENCE_TARGETS
+
+    def pgd(self, name: str, **overrides) -> PGD:
+        """A PGD with these settings, some of them overridden."""
+        kwargs = {"steps": self.steps, "step_size": self.step_size, "restarts": self.restarts,
+                  "schedule": self.schedule, "norm": self.norm, **overrides}
+        return PGD(self.eps, name=name, **kwargs)
 
 
 def _fgsm(s: AttackSettings) -> PGD:
-    # One signed-gradient step of size eps from the clean input (Goodfellow et al., 2015).
-    return PGD(s.eps, steps=1, step_size=s.eps, restarts=1, random_start=False, name="fgsm")
+    # One step of size eps from the clean input (Goodfellow et al., 2015): FGSM under L∞, FGM
+    # (the normalised gradient) under L2.
+    return PGD(s.eps, steps=1, step_size=s.eps, restarts=1, random_start=False, norm=s.norm,
+               name="fgsm")
 
 
-def _pgd(s: AttackSettings) -> PGD:
-    return PGD(s.eps, steps=s.steps, step_size=s.step_size, restarts=s.restarts,
-               schedule=s.schedule, name="pgd")
-
-
-def _tpgd(s: AttackSettings) -> PGD:
-    losses = [temperature_cross_entropy(t) for t in s.temperatures]
-    return PGD(s.eps, steps=s.steps, step_size=s.step_size, restarts=s.restarts, losses=losses,
-               schedule=s.schedule, name="tpgd")
-
-
-def _cw(s: AttackSettings) -> PGD:
-    return PGD(s.eps, steps=s.steps, step_size=s.step_size, restarts=s.restarts,
-               losses=[cw_margin], schedule=s.schedule, name="cw")
+def _reference(s: AttackSettings, name: str, **overrides) -> PGD:
+    # AutoAttack's own budget: 100 iterations from 2*eps, halving; no restarts.
+    return s.pgd(name, steps=REFERENCE_STEPS, step_size=None, restarts=1, schedule="halving",
+                 **overrides)
 
 
 #: Attack name -> (factory, one-line description).
-ATTACKS: dict[str, tuple[Callable[[AttackSettings], PGD], str]] = {
-    "fgsm": (_fgsm, "FGSM: one signed-gradient step of size eps"),
-    "pgd": (_pgd, "PGD on cross-entropy, random start (Madry et al. 2018)"),
-    "tpgd": (_tpgd, "Temperature-PGD: PGD on cross-entropy of softmax(z/T) (Tian et al. 2021)"),
-    "cw": (_cw, "PGD on the CW margin loss max_{j!=y} z_j - z_y"),
+ATTACKS: dict[str, tuple[Callable[[AttackSettings], Attack], str]] = {
+    "fgsm": (_fgsm, "FGSM (L2: FGM): one gradient step of size eps"),
+    "pgd": (lambda s: s.pgd("pgd"), "PGD on cross-entropy, random start (Madry et al. 2018)"),
+    "tpgd": (lambda s: s.pgd("tpgd", losses=[temperature_cross_entropy(t)
+                                             for t in s.temperatures]),
+             "Temperature-PGD: PGD on cross-entropy of softmax(z/T) (Tian et al. 2021)"),
+    "cw": (lambda s: s.pgd("cw", losses=[cw_margin]),
+           "PGD on the CW margin loss max_{j!=y} z_j - z_y"),
+    "dlr": (lambda s: s.pgd("dlr", losses=[dlr]),
+            "PGD on the scale-invariant DLR loss (Croce and Hein 2020)"),
+    "dlr-t": (lambda s: s.pgd("dlr-t", losses=[dlr_targeted], targets=s.targets),
+              "PGD on targeted DLR, one run per most likely wrong class"),
+    "ce-t": (lambda s: s.pgd("ce-t", losses=[cross_entropy_targeted], targets=s.targets),
+             "PGD on targeted cross-entropy, one run per most likely wrong class"),
+    "apgd-ce": (lambda s: _reference(s, "apgd-ce"),
+                "AutoAttack's APGD-CE budget: 100 halving steps on cross-entropy"),
+    "apgd-t": (lambda s: _reference(s, "apgd-t", losses=[dlr_targeted], targets=s.targets),
+               "AutoAttack's APGD-T budget: 100 halving steps of targeted DLR per target"),
+    "square": (lambda s: Square(s.eps, queries=s.queries, norm=s.norm),
+               "Square Attack: gradient-free random search, forward passes only "
+               "(Andriushchenko et al. 2020)"),
 }
 
-def build_attack(name: str, settings: AttackSettings) -> PGD:
+#: Named portfolios for ``--attacks``.
+PRESETS: dict[str, tuple[str, ...]] = {
+    # PGD + T-PGD; escalation adds DLR and Square where the sanity checks see masking.
+    "fast": ("pgd", "tpgd"),
+    # AutoAttack standard's portfolio, each attack on the previous ones' survivors.
+    "standard": ("apgd-ce", "apgd-t", "square"),
+}
+
+
+def build_attack(name: str, settings: AttackSettings) -> Attack:
     """The attack called ``name``; ``ConfigError`` with a suggestion for an unknown name."""
     try:
         factory, _description = ATTACKS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, ATTACKS, n=1)
+        close = difflib.get_close_matches(name, [*ATTACKS, *PRESETS], n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"unknown attack '{name}'.{hint} Choose from: {', '.join(ATTACKS)}."
+            f"unknown attack '{name}'.{hint} Choose from: {', '.join(ATTACKS)}, or a preset: "
+            f"{', '.join(PRESETS)}."
         ) from None
     return factory(settings)
 
 
-def build_attacks(names: Sequence[str], settings: AttackSettings) -> list[PGD]:
+def build_attacks(names: Sequence[str], settings: AttackSettings) -> list[Attack]:
     return [build_attack(name, settings) for name in names]

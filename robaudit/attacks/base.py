@@ -1,9 +1,18 @@
-"""What every attack takes and returns."""
+"""What every attack is and returns: the attack protocol, its objectives, its outcome, and the
+per-example seeded randomness the engine gives it.
+
+An attack is a *step rule*: where a run starts, how it moves from one iterate to the next (from the
+input gradient of its objective, or from queries alone), how it stays inside the threat model, and
+how many forward passes it may spend. The engine (:mod:`robaudit.attacks.engine`) owns everything
+attacks share: the working batch, the per-example early stop, the best iterate, bf16 with fp32
+confirmation and the gradient health flags. Attacks never import the engine.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -11,7 +20,55 @@ import torch
 from robaudit.attacks.losses import margin
 
 Model = Callable[[torch.Tensor], torch.Tensor]
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``loss(logits, y, target)``: one value per example, higher means closer to broken. ``target``
+#: is the class a targeted loss pushes towards (ignored by untargeted losses).
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: The threat models: the L∞ and the L2 ball of radius ε around x, in pixel space [0, 1].
+NORMS = ("linf", "l2")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one run ascends: a loss and, for targeted runs, which wrong class it aims at.
+
+    ``target_rank`` k > 0 aims at the class with the (k+1)-th largest clean logit: the k-th most
+    likely wrong class of a correctly classified example (APGD-T's choice of targets).
+    """
+
+    loss: Loss
+    target_rank: int = 0
+
+
+@runtime_checkable
+class Attack(Protocol):
+    """The contract between an attack and the engine.
+
+    Gradient attacks (``uses_gradient``) also provide ``objective_of_run``, ``initial_step_size``
+    and ``checkpoint_interval`` (see :class:`robaudit.attacks.pgd.PGD`); gradient-free ones provide
+    ``start`` and ``propose`` (see :class:`robaudit.attacks.square.Square`).
+    """
+
+    name: str
+    eps: float
+    #: ``linf`` or ``l2``.
+    norm: str
+    #: The budget of one run: the steps it may take (each one forward pass; gradient attacks add
+    #: one backward pass and one last check).
+    steps: int
+    random_start: bool
+
+    @property
+    def runs(self) -> int:
+        """Runs in all (random starts times objectives); each only on examples still robust."""
+
+    @property
+    def uses_gradient(self) -> bool:
+        """Whether a step needs the input gradient (else: forward passes only)."""
+
+    @property
+    def stream(self) -> int:
+        """Where this attack's random numbers begin among an example's random streams."""
 
 
 @dataclass
@@ -45,6 +102,15 @@ class AttackOutcome:
         return cls(x.clone(), zeros.bool(), logits.clone(), zeros, zeros.bool())
 
 
+def example_seed(index: int, seed: int) -> int:
+    """The seed of one example's randomness: its data set index and the user's ``--seed``.
+
+    Every random start and every random query of an example derives from it, so figures do not
+    depend on batch size, order or sharding. The gallery and harden replay attacks with it.
+    """
+    return index + seed * (1 << 32)
+
+
 def _mix(values: np.ndarray) -> np.ndarray:
     """SplitMix64 of every element of a uint64 array (numpy's uint64 arithmetic wraps): every bit
     of a value reaches the low 32 bits, which are all that torch's CPU generator (a Mersenne
@@ -55,19 +121,60 @@ def _mix(values: np.ndarray) -> np.ndarray:
     return v ^ (v >> np.uint64(31))
 
 
+def _stream_seeds(keys: Sequence[tuple[int, int]]) -> np.ndarray:
+    seeds, streams = (np.array(column, dtype=np.uint64) for column in zip(*keys, strict=True))
+    return _mix(_mix(seeds) ^ streams)
+
+
 def fill_uniform_noise(out: torch.Tensor, keys: Sequence[tuple[int, int]]) -> torch.Tensor:
     """Fill row ``i`` of the CPU tensor ``out`` with noise uniform in [-1, 1] from the generator of
-    ``keys[i] = (seed, stream)``: one example (its data set index and the user's seed) and one run.
+    ``keys[i] = (seed, stream)``: one example (:func:`example_seed`) and one run.
 
     Seeding per example and per run makes a result independent of batch size, batch order and
     sharding across processes.
     """
     if not keys:
         return out
-    seeds, streams = (np.array(column, dtype=np.uint64) for column in zip(*keys, strict=True))
     generator = torch.Generator()
-    for row, seed in zip(out, (_mix(_mix(seeds) ^ streams) >> np.uint64(1)).tolist(),
-                         strict=True):
+    for row, seed in zip(out, (_stream_seeds(keys) >> np.uint64(1)).tolist(), strict=True):
         generator.manual_seed(seed)
         row.uniform_(-1.0, 1.0, generator=generator)
     return out
+
+
+def stream_keys(keys: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """32-bit keys of ``(seed, stream)`` pairs for :func:`counter_uniform`."""
+    if not keys:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    low = (_stream_seeds(keys) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    return torch.from_numpy(low).to(device)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 without overflowing int64: split x into 16-bit halves.
+    return (((x & 0xFFFF) * c) + (((x >> 16) * (c & 0xFFFF)) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32, C. Wellons) of int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(keys: torch.Tensor, counters: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` numbers uniform in [0, 1) for each row: a pure function of the row's key
+    (:func:`stream_keys`) and counter (its step), computed on the device in one pass.
+
+    A gradient-free attack draws new random numbers at every query of every example; re-seeding
+    a generator per example per query would cost more than the query itself.
+    """
+    j = torch.arange(count, device=keys.device)
+    salt = _hash32((counters[:, None] * count + j) & _M32)
+    bits = _hash32((keys[:, None] ^ salt) & _M32)
+    return bits.double().div_(float(1 << 32)).float()

@@ -22,9 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
-from robaudit.attacks.base import AttackOutcome, Loss, Model, fill_uniform_noise
+from robaudit.attacks import norms
+from robaudit.attacks.base import (
+    Attack,
+    AttackOutcome,
+    Model,
+    Objective,
+    example_seed,
+    fill_uniform_noise,
+    stream_keys,
+)
 from robaudit.attacks.losses import margin
-from robaudit.attacks.pgd import PGD
 from robaudit.errors import ModelOutputError
 
 #: The working batch when none is given, for inputs of 2**19 / 256 = 2048 values or more.
@@ -54,7 +62,10 @@ class Job:
     x: torch.Tensor  # CHW, in [0, 1]
     y: int
     seed: int
-    attack: PGD
+    attack: Attack
+    #: The clean logits, which targeted objectives choose their target classes from (computed
+    #: when a targeted run starts if not given).
+    clean_logits: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -70,13 +81,18 @@ class Finished:
 
 
 class Engine:
-    """Runs PGD-style jobs in one working batch. Add jobs with :meth:`add`, advance with
+    """Runs attack jobs in one working batch. Add jobs with :meth:`add`, advance with
     :meth:`step` until :attr:`busy` is false.
 
     The jobs in flight occupy the first :attr:`n` rows of every state tensor, so a step works on
     slices, not on gathered copies; a job that ends leaves a hole that the last row fills. The
     per-job scalars live in two small matrices (floats and integers) so that moving a row is a
     handful of tensor operations, whatever the number of fields.
+
+    A gradient attack's rows step along their input gradient (:mod:`robaudit.attacks.norms`
+    gives the direction and the projection of each threat model); a gradient-free attack's rows
+    step from their best point so far (its ``propose``). An engine that holds gradient-free rows
+    only runs its passes without autograd.
     """
 
     def __init__(self, model: Model, batch_size: int | None, *, amp: bool = False) -> None:
@@ -88,17 +104,19 @@ class Engine:
         #: Rows in use: the jobs in flight are rows ``0 .. n-1``.
         self.n = 0
         self.jobs: list[Job] = []
-        self.run: list[int] = []  # per row: which run (random start, loss) of its attack
-        self._row_loss: list[int] = []  # per row: the number of the loss it ascends
+        self.run: list[int] = []  # per row: which run (random start, objective) of its attack
+        self._row_objective: list[int] = []  # per row: the number of the objective it ascends
         self._shape: tuple[int, ...] | None = None
-        # Losses and attacks seen so far, numbered, so that per-row choices are tensors.
-        self._loss_ids: dict[int, int] = {}
-        self._loss_fns: list[Loss] = []
-        self._attacks: list[PGD] = []
+        # Objectives and attacks seen so far, numbered, so that per-row choices are tensors.
+        self._objective_ids: dict[int, int] = {}
+        self._objectives: list[Objective] = []
+        self._attacks: list[Attack] = []
         # Per attack (by number): at each step that is an APGD checkpoint, the steps since the
         # previous one (0 elsewhere, and everywhere for fixed-step attacks).
         self._checkpoints = torch.zeros((0, 1), dtype=torch.long)
         self._halving = False
+        self._norms: set[str] = set()
+        self._kinds: set[bool] = set()  # uses_gradient of the attacks seen
         self._names: Counter[str] = Counter()  # jobs in flight per attack name
         #: Seconds spent per attack name (forward, backward and update, shared by row count).
         self.seconds: dict[str, float] = {}
@@ -111,7 +129,8 @@ class Engine:
         b, shape, device = self.batch_size, tuple(x.shape), x.device
         self._shape = shape
         self.cur = torch.zeros((b, *shape), device=device)  # the current iterate
-        self.lo = torch.zeros_like(self.cur)  # the ε-ball within the pixel box [0, 1]
+        self.x0 = torch.zeros_like(self.cur)  # the clean input
+        self.lo = torch.zeros_like(self.cur)  # the L∞ ball within the pixel box [0, 1]
         self.hi = torch.zeros_like(self.cur)
         self.best_x = torch.zeros_like(self.cur)  # the lowest-margin iterate so far
         self.best_loss_x = torch.zeros_like(self.cur)  # the highest-loss iterate of this run
@@ -119,12 +138,13 @@ class Engine:
         self._f = torch.zeros((b, 6), device=device)
         (self.best_margin, self.eps, self.alpha, self.best_loss, self.last_loss,
          self.checkpoint_best) = self._f.unbind(1)
-        self._l = torch.zeros((b, 8), dtype=torch.long, device=device)
+        self._l = torch.zeros((b, 10), dtype=torch.long, device=device)
         # ``gains``: steps since the last checkpoint that raised the loss (APGD's schedule);
-        # ``_flags``: the bits _BAD and _REDUCED. ``step_no`` and ``forwards`` are neighbours:
-        # one operation on ``_counters`` advances both.
-        (self.y, self.step_no, self.forwards, self.steps, self.loss_id, self.attack_id,
-         self.gains, self._flags) = self._l.unbind(1)
+        # ``_flags``: the bits _BAD and _REDUCED; ``target``: a targeted run's class; ``key``:
+        # the run's random-stream key (gradient-free attacks). ``step_no`` and ``forwards`` are
+        # neighbours: one operation on ``_counters`` advances both.
+        (self.y, self.step_no, self.forwards, self.steps, self.objective_id, self.attack_id,
+         self.gains, self._flags, self.target, self.key) = self._l.unbind(1)
         self._counters = self._l[:, 1:3]
 
     @property
@@ -157,6 +177,7 @@ class Engine:
         x = torch.stack([job.x for job in jobs]).to(device)
         eps = torch.tensor([float(job.attack.eps) for job in jobs], device=device)
         view = (-1,) + (1,) * (x.dim() - 1)
+        self.x0[rows] = x
         self.lo[rows] = (x - eps.view(view)).clamp(min=0.0)
         self.hi[rows] = (x + eps.view(view)).clamp(max=1.0)
         self._f[rows] = 0.0
@@ -173,65 +194,112 @@ class Engine:
         self.jobs.extend(jobs)
         self._names.update(job.attack.name for job in jobs)
         self.run.extend([0] * len(jobs))
-        self._row_loss.extend([0] * len(jobs))
+        self._row_objective.extend([0] * len(jobs))
         self._start_runs(list(range(first, self.n)), x)
 
-    def _register(self, attack: PGD) -> None:
+    def _register(self, attack: Attack) -> None:
         self._attacks.append(attack)
-        self._halving = self._halving or attack.schedule == "halving"
+        self._kinds.add(attack.uses_gradient)
+        self._norms.add(attack.norm)
+        halving = [getattr(a, "schedule", None) == "halving" for a in self._attacks]
+        self._halving = any(halving)
         width = max(a.steps for a in self._attacks) + 1
         table = torch.zeros((len(self._attacks), width), dtype=torch.long)
         for k, a in enumerate(self._attacks):
-            if a.schedule == "halving":
+            if halving[k]:
                 for step in range(a.steps + 1):
                     table[k, step] = a.checkpoint_interval(step) or 0
         self._checkpoints = table.to(self.cur.device)
 
     def _start_runs(self, rows: list[int], x: torch.Tensor | None = None) -> None:
-        """Each row's current run begins: a random start (or the clean input), a fresh step.
+        """Each row's current run begins: its starting point, a fresh step.
 
         ``x`` are the rows' clean inputs when the caller has them on the device already.
         """
         device = self.cur.device
         jobs = [self.jobs[i] for i in rows]
+        at = torch.tensor(rows, device=device)
         if x is None:
-            x = torch.stack([job.x for job in jobs]).to(device)
+            x = self.x0[at]
         starts = x.clone()
-        noisy = [j for j, job in enumerate(jobs) if job.attack.random_start]
+        keys = [(job.seed, job.attack.stream + self.run[row])
+                for row, job in zip(rows, jobs, strict=True)]
+        # Gradient-free attacks make their own starting points.
+        noisy = [j for j, job in enumerate(jobs)
+                 if job.attack.random_start and job.attack.uses_gradient]
         if noisy:
             # Each attack draws its own starts: a union of attacks from one shared start per
             # example would explore less than independent ones (and be measurably weaker).
-            noise = fill_uniform_noise(
-                torch.empty((len(noisy), *starts.shape[1:])),
-                [(jobs[j].seed, jobs[j].attack.stream + self.run[rows[j]]) for j in noisy],
-            ).to(device)
-            eps = self.eps[torch.tensor(rows, device=device)[noisy]]
-            eps = eps.view((-1,) + (1,) * (noise.dim() - 1))
-            starts[noisy] = (starts[noisy] + eps * noise).clamp(0.0, 1.0)
-        at = torch.tensor(rows, device=device)
+            noise = fill_uniform_noise(torch.empty((len(noisy), *starts.shape[1:])),
+                                       [keys[j] for j in noisy]).to(device)
+            self._random_starts(starts, noisy, [jobs[j] for j in noisy], at, noise)
+        if False in self._kinds:
+            self.key[at] = stream_keys(keys, device)
+            self._query_starts(starts, jobs, at)
         self.cur[at] = starts
         self.best_loss_x[at] = starts
-        ids, alphas = [], []
-        for row, job in zip(rows, jobs, strict=True):
-            loss_fn = job.attack.loss_of_run(self.run[row])
-            if id(loss_fn) not in self._loss_ids:
-                self._loss_ids[id(loss_fn)] = len(self._loss_fns)
-                self._loss_fns.append(loss_fn)
-            ids.append(self._loss_ids[id(loss_fn)])
-            self._row_loss[row] = ids[-1]
-            alphas.append(job.attack.initial_step_size)
-        self.loss_id[at] = torch.tensor(ids, device=device)
-        self.alpha[at] = torch.tensor(alphas, device=device, dtype=self.alpha.dtype)
+        self._set_objectives(rows, jobs, at, x)
+        self.alpha[at] = torch.tensor([getattr(job.attack, "initial_step_size", 0.0)
+                                       for job in jobs], device=device, dtype=self.alpha.dtype)
         self.step_no[at] = 0
         self.gains[at] = 0
         self._flags[at] &= ~_REDUCED
         for field in (self.best_loss, self.last_loss, self.checkpoint_best):
             field[at] = -float("inf")
 
+    def _random_starts(self, starts: torch.Tensor, noisy: list[int], jobs: list[Job],
+                       at: torch.Tensor, noise: torch.Tensor) -> None:
+        eps = self.eps[at[noisy]]
+        for norm in {job.attack.norm for job in jobs}:
+            mine = [k for k, job in enumerate(jobs) if job.attack.norm == norm]
+            rows = [noisy[k] for k in mine]
+            starts[rows] = norms.random_start(norm, starts[rows], eps[mine], noise[mine])
+
+    def _query_starts(self, starts: torch.Tensor, jobs: list[Job], at: torch.Tensor) -> None:
+        for attack in {id(job.attack): job.attack for job in jobs}.values():
+            if attack.uses_gradient:
+                continue
+            mine = [k for k, job in enumerate(jobs) if job.attack is attack]
+            rows = at[mine]
+            starts[mine] = attack.start(starts[mine], self.eps[rows], self.key[rows])
+
+    def _set_objectives(self, rows: list[int], jobs: list[Job], at: torch.Tensor,
+                        x: torch.Tensor) -> None:
+        ids, ranks = [], []
+        for row, job in zip(rows, jobs, strict=True):
+            if not job.attack.uses_gradient:
+                ids.append(0)
+                ranks.append(0)
+                continue
+            objective = job.attack.objective_of_run(self.run[row])
+            if id(objective) not in self._objective_ids:
+                self._objective_ids[id(objective)] = len(self._objectives)
+                self._objectives.append(objective)
+            ids.append(self._objective_ids[id(objective)])
+            ranks.append(objective.target_rank)
+            self._row_objective[row] = ids[-1]
+        self.objective_id[at] = torch.tensor(ids, device=self.cur.device)
+        targeted = [j for j, rank in enumerate(ranks) if rank > 0]
+        if targeted:
+            self.target[at[targeted]] = self._targets([jobs[j] for j in targeted],
+                                                      [ranks[j] for j in targeted], x[targeted])
+
+    def _targets(self, jobs: list[Job], ranks: list[int], x: torch.Tensor) -> torch.Tensor:
+        """The class of each targeted run: the ``rank``-th most likely wrong class when clean."""
+        if all(job.clean_logits is not None for job in jobs):
+            logits = torch.stack([job.clean_logits for job in jobs]).to(x.device)  # type: ignore[misc]
+        else:
+            logits = self._exact(x)
+        order = logits.float().argsort(dim=1, descending=True)
+        wrong = max(1, order.shape[1] - 1)
+        rank = torch.tensor([1 + (r - 1) % wrong for r in ranks], device=x.device)
+        return order.gather(1, rank[:, None]).squeeze(1)
+
     # -- one iteration ------------------------------------------------------------------------
 
     def step(self) -> list[Finished]:
-        """One forward and backward pass over the rows in use; returns the jobs that ended."""
+        """One forward (and, for gradient attacks, backward) pass over the rows in use; returns
+        the jobs that ended."""
         if not self.busy:
             return []
         started = time.perf_counter()
@@ -241,10 +309,11 @@ class Engine:
         at_end = self.step_no[:n] >= self.steps[:n]
         # When every row only has its last iterate to check, no gradient is needed.
         stepping = not bool(at_end.all())
-        xa = self.cur[:n].clone().requires_grad_(stepping)
+        needs_grad = stepping and True in self._kinds
+        xa = self.cur[:n].clone().requires_grad_(needs_grad)
         autocast = (torch.autocast(xa.device.type, dtype=torch.bfloat16) if self.amp
                     else nullcontext())
-        with self._amp_guard(), torch.set_grad_enabled(stepping), autocast:
+        with self._amp_guard(), torch.set_grad_enabled(needs_grad), autocast:
             logits = self.model(xa)
         logits = logits.float()
         if self.best_logits is None:
@@ -263,13 +332,15 @@ class Engine:
 
         ended = wrong | at_end
         if stepping and not bool(ended.all()):
-            with self._amp_guard():
-                self._update(xa, logits, y, ~ended)
+            if needs_grad:
+                with self._amp_guard():
+                    self._update(xa, logits, y, ~ended)
+            if False in self._kinds:
+                self._query_update(n)
         self._counters[:n] += 1  # a forward pass each, and a step for those that went on
         finished = self._end(ended, wrong, xa.detach(), detached) if bool(ended.any()) else []
         self._account(names, time.perf_counter() - started)
         return finished
-
     @contextmanager
     def _amp_guard(self) -> Iterator[None]:
         """Under autocast, an operation without a bf16 kernel is the user's to fix: say so."""
@@ -302,26 +373,22 @@ class Engine:
 
     def _update(self, xa: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
                 moving: torch.Tensor) -> None:
-        """The signed-gradient step of every row, each with its own loss and step size.
+        """The gradient step of every row, each with its own objective and step size.
 
         Rows that end this step are stepped too (it costs nothing extra, the backward pass covers
         the whole batch), and their new iterate is never used.
         """
         n = xa.shape[0]
-        kinds = set(self._row_loss)
-        losses = self._loss_fns[self._row_loss[0]](logits, y).float()
-        if len(kinds) > 1:
-            loss_id = self.loss_id[:n]
-            for lid in kinds - {self._row_loss[0]}:
-                losses = torch.where(loss_id == lid, self._loss_fns[lid](logits, y).float(),
-                                     losses)
+        losses = self._losses(logits, y, n)
         (grad,) = torch.autograd.grad(losses.sum(), xa)
         peak = grad.flatten(1).abs().amax(dim=1)  # NaN and inf carry through
         healthy = (peak > 0) & (peak < float("inf"))  # false for NaN too
         if not bool(healthy.all()):
+            if False in self._kinds:  # gradient-free rows have no gradient to judge
+                moving = moving & self._uses_gradient[self.attack_id[:n]]
             self._flags[:n] |= (~healthy & moving).long() * _BAD
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        direction = grad.float().sign()
+        direction = self._direction(grad.float(), n)
 
         x_now = xa.detach()
         view = (-1,) + (1,) * (x_now.dim() - 1)
@@ -331,7 +398,64 @@ class Engine:
             if back_to_best is not None:
                 start = torch.where(back_to_best.view(view), self.best_loss_x[:n], x_now)
         moved = torch.addcmul(start, self.alpha[:n].view(view), direction)
-        torch.clamp(moved, self.lo[:n], self.hi[:n], out=self.cur[:n])
+        if self._norms == {"linf"}:
+            torch.clamp(moved, self.lo[:n], self.hi[:n], out=self.cur[:n])
+            return
+        for norm in self._norms:
+            projected = norms.project(norm, moved, self.x0[:n], self.eps[:n], self.lo[:n],
+                                      self.hi[:n], torch.empty_like(moved))
+            rows = self._rows_of_norm(norm, n)
+            self.cur[:n] = projected if rows is None else torch.where(rows.view(view),
+                                                                       projected, self.cur[:n])
+
+    def _losses(self, logits: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+        """Each row's objective at ``logits`` (one pass per objective present)."""
+        present = set(self._row_objective)
+        first = self._row_objective[0]
+        target = self.target[:n]
+        losses = self._objectives[first].loss(logits, y, target).float()
+        if len(present) > 1:
+            objective_id = self.objective_id[:n]
+            for oid in present - {first}:
+                losses = torch.where(objective_id == oid,
+                                     self._objectives[oid].loss(logits, y, target).float(),
+                                     losses)
+        return losses
+
+    def _direction(self, grad: torch.Tensor, n: int) -> torch.Tensor:
+        if len(self._norms) == 1:
+            return norms.direction(next(iter(self._norms)), grad)
+        l2 = self._rows_of_norm("l2", n)
+        assert l2 is not None
+        view = (-1,) + (1,) * (grad.dim() - 1)
+        return torch.where(l2.view(view), norms.direction("l2", grad),
+                           norms.direction("linf", grad))
+
+    def _rows_of_norm(self, norm: str, n: int) -> torch.Tensor | None:
+        """Which rows attack under ``norm``; None when all of them do."""
+        if self._norms == {norm}:
+            return None
+        table = torch.tensor([a.norm == norm for a in self._attacks], device=self.cur.device)
+        return table[self.attack_id[:n]]
+
+    @property
+    def _uses_gradient(self) -> torch.Tensor:
+        return torch.tensor([a.uses_gradient for a in self._attacks], device=self.cur.device)
+
+    def _query_update(self, n: int) -> None:
+        """Gradient-free rows: the next query, from the best point so far."""
+        attack_id = self.attack_id[:n]
+        for k, attack in enumerate(self._attacks):
+            if attack.uses_gradient:
+                continue
+            rows = (attack_id == k).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            whole = rows.numel() == n
+            at = slice(0, n) if whole else rows
+            proposal = attack.propose(self.best_x[at], self.x0[at], self.eps[at], self.lo[at],
+                                      self.hi[at], self.step_no[at], self.key[at])
+            self.cur[at] = proposal
 
     def _schedule(self, n: int, x_now: torch.Tensor, loss_now: torch.Tensor) -> torch.Tensor | None:
         """Track the best loss; at APGD's checkpoints halve a stalled step size.
@@ -411,13 +535,13 @@ class Engine:
             device = self.cur.device
             to, source = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
             assert self.best_logits is not None
-            for state in (self.cur, self.lo, self.hi, self.best_x, self.best_loss_x,
+            for state in (self.cur, self.x0, self.lo, self.hi, self.best_x, self.best_loss_x,
                           self.best_logits, self._f, self._l):
                 state[to] = state[source]
-            for values in (self.jobs, self.run, self._row_loss):
+            for values in (self.jobs, self.run, self._row_objective):
                 for hole, mover in zip(holes, movers, strict=True):
                     values[hole] = values[mover]  # type: ignore[index]
-        del self.jobs[end:], self.run[end:], self._row_loss[end:]
+        del self.jobs[end:], self.run[end:], self._row_objective[end:]
         self.n = end
 
     def _account(self, names: Counter[str], seconds: float) -> None:
@@ -428,24 +552,84 @@ class Engine:
 
 def run_jobs(model: Model, jobs: Iterable[Job], batch_size: int, *,
              amp: bool = False) -> dict[Hashable, Finished]:
-    """Run a fixed set of jobs to completion, keeping the working batch full."""
-    engine = Engine(model, batch_size, amp=amp)
+    """Run a fixed set of jobs to completion, keeping the working batches full."""
+    pool = EnginePool(model, batch_size, amp=amp)
     pending = iter(jobs)
+    waiting: list[Job] = []
     results: dict[Hashable, Finished] = {}
     exhausted = False
     while True:
-        batch: list[Job] = []
-        while not exhausted and len(batch) < engine.free:
+        while not exhausted and len(waiting) < pool.free:
             job = next(pending, None)
             if job is None:
                 exhausted = True
                 break
-            batch.append(job)
-        engine.add_many(batch)
-        if not engine.busy:
+            waiting.append(job)
+        waiting = pool.add_many(waiting)
+        if not pool.busy:
             return results
-        for done in engine.step():
+        for done in pool.step():
             results[done.key] = done
+
+
+class EnginePool:
+    """One engine for gradient attacks and one for gradient-free ones, each with its own working
+    batch: rows that need no backward pass never share a batch with rows that do."""
+
+    def __init__(self, model: Model, batch_size: int | None, *, amp: bool = False) -> None:
+        self.model = model
+        self._batch_size = batch_size
+        self.amp = amp
+        self.engines: dict[bool, Engine] = {}
+
+    def engine(self, gradient: bool) -> Engine:
+        if gradient not in self.engines:
+            self.engines[gradient] = Engine(self.model, self._batch_size, amp=self.amp)
+        return self.engines[gradient]
+
+    @property
+    def batch_size(self) -> int:
+        """The working batch (of the gradient engine, the first one made)."""
+        engines = list(self.engines.values()) or [self.engine(True)]
+        return engines[0].batch_size
+
+    @property
+    def free(self) -> int:
+        return sum(e.free for e in self.engines.values()) if self.engines else self.batch_size
+
+    @property
+    def busy(self) -> bool:
+        return any(e.busy for e in self.engines.values())
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for engine in self.engines.values():
+            for name, seconds in engine.seconds.items():
+                total[name] = total.get(name, 0.0) + seconds
+        return total
+
+    def add_many(self, jobs: Sequence[Job]) -> list[Job]:
+        """Put as many of ``jobs`` as fit into their engines; returns those that did not fit."""
+        left: list[Job] = []
+        for gradient in (True, False):
+            mine = [job for job in jobs if job.attack.uses_gradient is gradient]
+            if not mine:
+                continue
+            engine = self.engine(gradient)
+            if engine._shape is None:  # its batch size is chosen from the first job
+                engine._allocate(mine[0].x)
+            free = engine.free
+            engine.add_many(mine[:free])
+            left.extend(mine[free:])
+        return left
+
+    def step(self) -> list[Finished]:
+        finished: list[Finished] = []
+        for engine in self.engines.values():
+            if engine.busy:
+                finished.extend(engine.step())
+        return finished
 
 
 @dataclass
@@ -482,9 +666,21 @@ def outcome_of(x: torch.Tensor, clean_logits: torch.Tensor,
     return outcome
 
 
+def attack_batch(attack: Attack, model: Model, x: torch.Tensor, y: torch.Tensor,
+                 seeds: torch.Tensor) -> AttackOutcome:
+    """One attack on every example of a batch (``seeds``: one per example)."""
+    seed_list, labels = seeds.tolist(), y.tolist()
+    jobs = [Job(i, x[i], labels[i], seed_list[i], attack) for i in range(len(x))]
+    results = run_jobs(model, jobs, max(1, len(x)))
+    if not results:
+        return AttackOutcome.unbroken(x, x.new_zeros((0, 0)))
+    k = next(iter(results.values())).logits.shape[0]
+    return outcome_of(x, x.new_zeros((len(x), k)), results, list(range(len(x))))
+
+
 def audit_batch(
     model: Model,
-    attacks: Sequence[PGD],
+    attacks: Sequence[Attack],
     x: torch.Tensor,
     y: torch.Tensor,
     seeds: torch.Tensor,
@@ -494,7 +690,7 @@ def audit_batch(
         clean_logits = model(x)
     correct = (clean_logits.argmax(dim=1) == y).tolist()
     seed_list = seeds.tolist()
-    jobs = [Job((a.name, i), x[i], int(y[i]), seed_list[i], a)
+    jobs = [Job((a.name, i), x[i], int(y[i]), seed_list[i], a, clean_logits[i])
             for a in attacks for i in range(len(x)) if correct[i]]
     engine_results = run_jobs(model, jobs, max(1, len(x)))
     outcomes = {}
@@ -525,77 +721,112 @@ class ExampleResult:
 def stream_audit(
     model: Model,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    attack_sets: Sequence[Sequence[PGD]],
+    attack_sets: Sequence[Sequence[Attack]],
     *,
     batch_size: int | None,
     seed: int = 0,
     worst_case: bool = False,
     amp: bool = False,
-    engine: Engine | None = None,
-) -> Iterable[list[ExampleResult]]:
+    engine: EnginePool | None = None,
+) -> Iterator[list[ExampleResult]]:
     """Attack a stream of ``(x, y, index)`` batches; yield examples as they complete.
 
     ``attack_sets[e]`` are the attacks at the ``e``-th ε. The clean pass runs on whole data
-    batches; the clean-correct examples become jobs for one working batch kept full across data
+    batches; the clean-correct examples become jobs for working batches kept full across data
     batch boundaries.
     """
-    engine = engine or Engine(model, batch_size, amp=amp)
-    pending: deque[Job] = deque()
-    in_flight: dict[int, ExampleResult] = {}
+    stream = _Stream(engine or EnginePool(model, batch_size, amp=amp), attack_sets, seed,
+                     worst_case)
     source = iter(batches)
     exhausted = False
-    names = [[a.name for a in attacks] for attacks in attack_sets]
-
-    def first_jobs(example: ExampleResult, seed_of: int) -> list[Job]:
-        if worst_case:
-            return [Job((example.index, e, 0), example.x, example.y, seed_of, attacks[0])
-                    for e, attacks in enumerate(attack_sets)]
-        return [Job((example.index, e, k), example.x, example.y, seed_of, attack)
-                for e, attacks in enumerate(attack_sets) for k, attack in enumerate(attacks)]
-
     while True:
         ready: list[ExampleResult] = []
-        while not exhausted and len(pending) < engine.free:
+        while not exhausted and stream.pending < stream.pool.free:
             batch = next(source, None)
             if batch is None:
                 exhausted = True
                 break
-            x, y, idx = batch
-            with torch.no_grad():  # full precision even with amp: it decides what is attacked
-                clean = model(x).float()
-            correct = (clean.argmax(dim=1) == y).tolist()
-            for i, index in enumerate(idx.tolist()):
-                example = ExampleResult(index, x[i], int(y[i]), clean[i], {})
-                if not correct[i]:
-                    example.outcomes = {(e, n): None for e, ns in enumerate(names) for n in ns}
-                    ready.append(example)
-                    continue
-                jobs = first_jobs(example, index + seed * (1 << 32))
-                example.waiting = len(jobs)
-                in_flight[index] = example
-                pending.extend(jobs)
-        engine.add_many([pending.popleft() for _ in range(min(len(pending), engine.free))])
-        if not engine.busy and not pending:
+            ready.extend(stream.admit(model, *batch))
+        stream.fill()
+        if not stream.pool.busy and not stream.pending:
             if ready:
                 yield ready
             if exhausted:
                 return
             continue
-        for done in engine.step():
-            index, e, k = done.key  # type: ignore[misc]
-            example = in_flight[index]
-            example.outcomes[(e, names[e][k])] = done
-            example.waiting -= 1
-            if worst_case:
-                if not done.broken and k + 1 < len(names[e]):
-                    nxt = attack_sets[e][k + 1]
-                    pending.append(Job((index, e, k + 1), example.x, example.y,
-                                       index + seed * (1 << 32), nxt))
-                    example.waiting += 1
-                elif done.broken:
-                    for later in names[e][k + 1:]:  # cumulative: broken by an earlier attack
-                        example.outcomes[(e, later)] = done
-            if example.waiting == 0:
-                ready.append(in_flight.pop(index))
+        ready.extend(stream.step())
         if ready:
             yield ready
+
+
+class _Stream:
+    """The bookkeeping of :func:`stream_audit`: examples in flight and the jobs waiting for a
+    row, one queue per engine."""
+
+    def __init__(self, pool: EnginePool, attack_sets: Sequence[Sequence[Attack]], seed: int,
+                 worst_case: bool) -> None:
+        self.pool = pool
+        self.attack_sets = attack_sets
+        self.seed = seed
+        self.worst_case = worst_case
+        self.names = [[a.name for a in attacks] for attacks in attack_sets]
+        self.queues: dict[bool, deque[Job]] = {True: deque(), False: deque()}
+        self.in_flight: dict[int, ExampleResult] = {}
+
+    @property
+    def pending(self) -> int:
+        return len(self.queues[True]) + len(self.queues[False])
+
+    def admit(self, model: Model, x: torch.Tensor, y: torch.Tensor,
+              idx: torch.Tensor) -> list[ExampleResult]:
+        """Run the clean pass of a data batch; queue the jobs of its clean-correct examples and
+        return the others, which are done."""
+        with torch.no_grad():  # full precision even with amp: it decides what is attacked
+            clean = model(x).float()
+        correct = (clean.argmax(dim=1) == y).tolist()
+        done = []
+        for i, index in enumerate(idx.tolist()):
+            example = ExampleResult(index, x[i], int(y[i]), clean[i], {})
+            if not correct[i]:
+                example.outcomes = {(e, n): None for e, ns in enumerate(self.names) for n in ns}
+                done.append(example)
+                continue
+            firsts = [(e, 0) for e in range(len(self.attack_sets))] if self.worst_case else [
+                (e, k) for e, attacks in enumerate(self.attack_sets) for k in range(len(attacks))]
+            example.waiting = len(firsts)
+            self.in_flight[index] = example
+            for e, k in firsts:
+                self._queue(example, e, k)
+        return done
+
+    def _queue(self, example: ExampleResult, e: int, k: int) -> None:
+        attack = self.attack_sets[e][k]
+        self.queues[attack.uses_gradient].append(
+            Job((example.index, e, k), example.x, example.y,
+                example_seed(example.index, self.seed), attack, example.clean_logits))
+
+    def fill(self) -> None:
+        for gradient, queue in self.queues.items():
+            if queue:
+                engine = self.pool.engine(gradient)
+                if engine._shape is None:
+                    engine._allocate(queue[0].x)
+                engine.add_many([queue.popleft() for _ in range(min(len(queue), engine.free))])
+
+    def step(self) -> list[ExampleResult]:
+        ready = []
+        for done in self.pool.step():
+            index, e, k = done.key  # type: ignore[misc]
+            example = self.in_flight[index]
+            example.outcomes[(e, self.names[e][k])] = done
+            example.waiting -= 1
+            if self.worst_case:
+                if not done.broken and k + 1 < len(self.names[e]):
+                    self._queue(example, e, k + 1)
+                    example.waiting += 1
+                elif done.broken:
+                    for later in self.names[e][k + 1:]:  # cumulative: broken by an earlier one
+                        example.outcomes[(e, later)] = done
+            if example.waiting == 0:
+                ready.append(self.in_flight.pop(index))
+        return ready

@@ -1,12 +1,20 @@
-"""Losses an attack ascends. Each returns one value per example; higher means closer to broken."""
+"""Losses an attack ascends. Each takes ``(logits, y, target)`` and returns one value per example;
+higher means closer to broken. ``target`` is the class a targeted loss aims at; untargeted losses
+ignore it.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+#: Keeps DLR's denominator away from zero when the top logits tie (Croce and Hein use 1e-12).
+_DLR_FLOOR = 1e-12
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+Target = torch.Tensor | None
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, target: Target = None) -> torch.Tensor:
     """Plain cross-entropy, the PGD loss of Madry et al."""
     return F.cross_entropy(logits, y, reduction="none")
 
@@ -18,9 +26,10 @@ def temperature_cross_entropy(temperature: float):
     strongest wrong class, T > 1 spreads it over all of them.
     """
 
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(logits: torch.Tensor, y: torch.Tensor, target: Target = None) -> torch.Tensor:
         return F.cross_entropy(logits / temperature, y, reduction="none")
 
+    loss.__qualname__ = f"temperature_cross_entropy({temperature})"
     return loss
 
 
@@ -31,6 +40,36 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return true_logit - others.amax(dim=1)
 
 
-def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def cw_margin(logits: torch.Tensor, y: torch.Tensor, target: Target = None) -> torch.Tensor:
     """The Carlini-Wagner margin loss ``max_{j != y} z_j - z_y``."""
     return -margin(logits, y)
+
+
+def _sorted_logit(ordered: torch.Tensor, rank: int) -> torch.Tensor:
+    # The rank-th largest logit (0-based), or the smallest when there are fewer classes.
+    return ordered[:, min(rank, ordered.shape[1] - 1)]
+
+
+def dlr(logits: torch.Tensor, y: torch.Tensor, target: Target = None) -> torch.Tensor:
+    """The Difference of Logits Ratio (Croce and Hein, ICML 2020):
+    ``-(z_y - max_{j != y} z_j) / (z_π1 - z_π3)``, with ``z_π`` the logits sorted in decreasing
+    order. Invariant to shifting and to scaling the logits, so a model whose logits are scaled
+    until the softmax saturates cannot hide its gradients from it.
+    """
+    ordered = logits.sort(dim=1, descending=True).values
+    scale = ordered[:, 0] - _sorted_logit(ordered, 2) + _DLR_FLOOR
+    return -margin(logits, y) / scale
+
+
+def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR (APGD-T): ``-(z_y - z_t) / (z_π1 - (z_π3 + z_π4) / 2)``."""
+    ordered = logits.sort(dim=1, descending=True).values
+    scale = ordered[:, 0] - 0.5 * (_sorted_logit(ordered, 2) + _sorted_logit(ordered, 3))
+    gap = logits.gather(1, y[:, None]).squeeze(1) - logits.gather(1, target[:, None]).squeeze(1)
+    return -gap / (scale + _DLR_FLOOR)
+
+
+def cross_entropy_targeted(logits: torch.Tensor, y: torch.Tensor,
+                           target: torch.Tensor) -> torch.Tensor:
+    """Targeted cross-entropy: ``-CE(z, t)``, rising as the target class becomes likely."""
+    return -F.cross_entropy(logits, target, reduction="none")

@@ -1,10 +1,11 @@
-"""Projected gradient descent in the L∞ ball, with the losses robaudit attacks with.
+"""Projected gradient descent, the step rule of every gradient attack robaudit runs.
 
 PGD: Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018.
 Temperature-PGD: Tian et al., "Analysis and Applications of Class-wise Robustness in Adversarial
-Training", KDD 2021. Step-size halving: the checkpoint rule of APGD (Croce and Hein, "Reliable
+Training", KDD 2021. Step-size halving and targeted DLR: APGD and APGD-T (Croce and Hein, "Reliable
 evaluation of adversarial robustness with an ensemble of diverse parameter-free attacks", ICML
-2020), without its momentum. Threat model: ``||x_adv - x||_∞ <= eps`` in pixel space ``[0, 1]``.
+2020), without APGD's momentum. Threat model: ``||x_adv - x||_p <= eps`` (p = ∞ or 2) in pixel
+space ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -17,20 +18,24 @@ from functools import cached_property
 
 import torch
 
-from robaudit.attacks.base import AttackOutcome, Loss, Model
+from robaudit.attacks.base import NORMS, AttackOutcome, Loss, Model, Objective
 from robaudit.attacks.losses import cross_entropy
 
 SCHEDULES = ("fixed", "halving")
 
 
 class PGD:
-    """L∞ PGD: ``x <- clip_[0,1](Π_eps(x + step_size * sign(∇x L(f(x), y))))``.
+    """PGD: ``x <- Π_{ball ∩ [0,1]}(x + step_size · d)``, with ``d = sign(∇x L)`` under L∞ and
+    ``∇x L / ||∇x L||_2`` under L2.
 
     Each example stops costing compute at the first iterate that is misclassified. ``restarts``
-    random starts run for each loss in ``losses`` (the temperatures of Temperature-PGD), each only
-    on examples still robust; the worst case over all of them counts. With ``schedule="halving"``
-    the step size starts at 2·eps and halves when the loss stalls, as in APGD.
+    random starts run for each loss in ``losses`` (the temperatures of Temperature-PGD) and, with
+    ``targets`` k > 0, for each of the k most likely wrong classes; each only on examples still
+    robust, and the worst case over all of them counts. With ``schedule="halving"`` the step size
+    starts at 2·eps and halves when the loss stalls, as in APGD.
     """
+
+    uses_gradient = True
 
     def __init__(
         self,
@@ -40,15 +45,20 @@ class PGD:
         step_size: float | None = None,
         restarts: int = 1,
         losses: Sequence[Loss] = (cross_entropy,),
+        targets: int = 0,
         random_start: bool = True,
         schedule: str = "fixed",
+        norm: str = "linf",
         name: str = "pgd",
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.eps = eps
         self.steps = steps
         self.schedule = schedule
+        self.norm = norm
         if step_size is not None:
             self.initial_step_size = step_size
         elif schedule == "halving":
@@ -56,7 +66,8 @@ class PGD:
         else:
             self.initial_step_size = 2.5 * eps / steps
         self.restarts = restarts
-        self.losses = tuple(losses)
+        ranks = range(1, targets + 1) if targets else (0,)
+        self.objectives = tuple(Objective(loss, rank) for loss in losses for rank in ranks)
         self.random_start = random_start
         self.name = name
 
@@ -71,11 +82,11 @@ class PGD:
 
     @property
     def runs(self) -> int:
-        """Random starts in all: ``restarts`` for each loss."""
-        return len(self.losses) * self.restarts
+        """Random starts in all: ``restarts`` for each objective."""
+        return len(self.objectives) * self.restarts
 
-    def loss_of_run(self, run: int) -> Loss:
-        return self.losses[run // self.restarts]
+    def objective_of_run(self, run: int) -> Objective:
+        return self.objectives[run // self.restarts]
 
     @cached_property
     def _checkpoints(self) -> dict[int, int]:
@@ -89,18 +100,13 @@ class PGD:
 
     def checkpoint_interval(self, step: int) -> int | None:
         """At a checkpoint (``step`` steps taken), the steps since the previous one."""
+        if self.schedule != "halving":
+            return None
         return self._checkpoints.get(step)
 
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor,
                  seeds: torch.Tensor) -> AttackOutcome:
         """Attack ``x`` (labels ``y``); ``seeds`` (one per example) seed the random starts."""
-        from robaudit.attacks.engine import Job, outcome_of, run_jobs
+        from robaudit.attacks.engine import attack_batch
 
-        seed_list, labels = seeds.tolist(), y.tolist()
-        jobs = [Job(i, x[i], labels[i], seed_list[i], self) for i in range(len(x))]
-        results = run_jobs(model, jobs, max(1, len(x)))
-        if not results:
-            return AttackOutcome.unbroken(x, x.new_zeros((0, 0)))
-        k = next(iter(results.values())).logits.shape[0]
-        outcome = outcome_of(x, x.new_zeros((len(x), k)), results, list(range(len(x))))
-        return outcome
+        return attack_batch(self, model, x, y, seeds)

@@ -11,11 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from robaudit.attacks import ATTACKS, AttackSettings, build_attack
 from robaudit.audit import ScanResult
-from robaudit.config import format_eps
+from robaudit.config import describe_attacks, format_eps, gate_policy
 from robaudit.errors import ExitCode, UsageError
-from robaudit.gate import GatePolicy, Verdict, judge
+from robaudit.gate import Verdict, judge
 from robaudit.metrics import WORST, Rate
 from robaudit.reports import atomic_write
 
@@ -38,6 +37,8 @@ def _rate(rate: Rate | None) -> dict[str, Any] | None:
 def _verdict(verdict: Verdict) -> dict[str, Any]:
     return {
         "passed": verdict.passed,
+        "status": verdict.status,
+        "unreliable": verdict.unreliable,
         "failures": [
             {"policy": f.policy, "value": f.value, "threshold": f.threshold, "message": f.message}
             for f in verdict.failures
@@ -54,21 +55,16 @@ def without_images(doc: dict[str, Any]) -> dict[str, Any]:
 def to_dict(result: ScanResult) -> dict[str, Any]:
     """The report document. Everything the other reports show comes from here."""
     config = result.config
-    policy = GatePolicy(
-        min_class_robust=config.min_class_robust, min_ratio=config.min_ratio,
-        max_gap=config.max_gap, max_drop=config.max_drop, significance=config.significance,
-        on=config.gate_on,
-    )
+    policy = gate_policy(config)
     baseline = result.baseline
+    unreliable = result.escalation.unreliable
     # Per-attack verdicts under the same policy: JUnit has a suite per attack.
     by_figure = {
         name: judge(result.stats, replace(policy, on=name),
-                    baseline.robust.get(name) if baseline else None)
-        for name in [*config.attacks, WORST]
+                    baseline.robust.get(name) if baseline else None, unreliable=unreliable,
+                    allow_unreliable=config.allow_unreliable)
+        for name in [*result.attack_names, WORST]
     }
-    settings = AttackSettings(eps=config.eps, steps=config.steps, step_size=config.step_size,
-                              restarts=config.restarts, temperatures=config.temperatures,
-                              schedule=config.schedule)
     summary = result.summary
     classes = []
     for s in result.stats:
@@ -97,6 +93,7 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
             "passed": not result.flagged,
             "exit_code": int(code),
             "flagged": [v.name for v in result.flagged],
+            "unreliable": [v.name for v in result.verdicts if v.unreliable is not None],
             "gate": {
                 "on": policy.on,
                 "min_class_robust": policy.min_class_robust,
@@ -114,19 +111,8 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
         "model": result.model,
         "data": result.data,
         "environment": result.environment,
-        "attacks": [
-            {
-                "name": name,
-                "description": ATTACKS[name][1],
-                "eps": config.eps,
-                "steps": 1 if name == "fgsm" else config.steps,
-                "step_size": build_attack(name, settings).initial_step_size,
-                "restarts": 1 if name == "fgsm" else config.restarts,
-                "schedule": "fixed" if name == "fgsm" else config.schedule,
-                **({"temperatures": list(config.temperatures)} if name == "tpgd" else {}),
-            }
-            for name in config.attacks
-        ],
+        "attacks": result.attacks or describe_attacks(config, config.attacks),
+        "escalation": result.escalation.to_dict(),
         "class_names": result.class_names,
         "classes": classes,
         "summary": {

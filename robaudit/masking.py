@@ -1,0 +1,151 @@
+"""A masked figure never passes: the signs of gradient masking per class, the escalation they
+trigger, and the classes whose signs remain (judged *unreliable*).
+
+Signs (Athalye et al. 2018; Croce and Hein 2020): zero or non-finite input gradients, probability
+outputs, a randomised model, FGSM stronger than PGD, robustness rising with ε. Escalation runs the
+scale-invariant DLR loss, then the gradient-free Square Attack, on the examples of the classes
+concerned that every attack so far left robust, each on the survivors of the one before.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robaudit.metrics import Records
+
+#: A class shows the bad-gradient sign when more of its attacked examples than this had a zero
+#: or non-finite input gradient at some step.
+BAD_GRADIENT_SHARE = 0.05
+#: After escalation, a class stays masked when even the scale-invariant loss had bad gradients
+#: on more than this share of the examples it attacked: only a black-box search tested it.
+RESIDUAL_BAD_GRADIENT_SHARE = 0.5
+#: ... or when Square broke more than this share of its clean-correct examples (and at least
+#: two) that every gradient attack left robust: the gradients do not find what is there.
+SQUARE_EXCESS = 0.03
+#: Signs that concern the whole model, not a class.
+GLOBAL_SIGNS = ("probability_outputs", "randomised_model")
+#: The attacks of escalation, in the order they run.
+ESCALATION = ("dlr", "square")
+
+
+@dataclass
+class Escalation:
+    """What escalation did: the signs that triggered it, where it ran, and what it found."""
+
+    #: Class name -> the checks that fired for it.
+    signs: dict[str, list[str]] = field(default_factory=dict)
+    attacks: tuple[str, ...] = ()
+    #: Survivors attacked (at the gate's ε).
+    examples: int = 0
+    seconds: float = 0.0
+    #: Class name -> why its figure is unreliable after escalation.
+    unreliable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ran(self) -> bool:
+        return bool(self.attacks)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"ran": self.ran, "attacks": list(self.attacks), "classes": sorted(self.signs),
+                "examples": self.examples, "seconds": self.seconds, "signs": self.signs,
+                "unreliable": self.unreliable}
+
+
+def class_signs(records: Records, class_names: Sequence[str], global_checks: Sequence[str],
+                sweep: Sequence[Records] = (), mode: str = "each") -> dict[str, list[str]]:
+    """Class name -> the signs of masking seen in its figures (classes without any left out)."""
+    y = records.array("y").astype(np.int64)
+    attacked = records.array("clean_pred").astype(np.int64) == y
+    found: dict[str, list[str]] = {}
+    everywhere = [c for c in global_checks if c in GLOBAL_SIGNS]
+    for c, name in enumerate(class_names):
+        mine = attacked & (y == c)
+        checks = list(everywhere)
+        if mine.any():
+            bad = np.logical_or.reduce([records.array("bad_gradient", a)[mine].astype(bool)
+                                        for a in records.attack_names])
+            if bad.mean() > BAD_GRADIENT_SHARE:
+                checks.append("bad_gradients")
+            if mode == "each" and _fgsm_stronger(records, mine, y):
+                checks.append("fgsm_stronger_than_pgd")
+        if _rises_with_eps(sweep, c):
+            checks.append("rises_with_eps")
+        if checks:
+            found[name] = checks
+    return found
+
+
+def _fgsm_stronger(records: Records, mine: np.ndarray, y: np.ndarray) -> bool:
+    if "fgsm" not in records.attack_names or "pgd" not in records.attack_names:
+        return False
+    robust = {a: int((records.array("adv_pred", a)[mine] == y[mine]).sum())
+              for a in ("fgsm", "pgd")}
+    return robust["fgsm"] < robust["pgd"] - max(1, 0.01 * int(mine.sum()))
+
+
+def _rises_with_eps(sweep: Sequence[Records], c: int) -> bool:
+    shares = []
+    for rec in sweep:
+        y = rec.array("y").astype(np.int64)
+        ok = rec.array("clean_pred").astype(np.int64) == y
+        for a in rec.attack_names:
+            ok &= rec.array("adv_pred", a).astype(np.int64) == y
+        n = int((y == c).sum())
+        if n:
+            shares.append((int(ok[y == c].sum()), n))
+    return any(high / n_high > low / n_low + max(0.01, 1.5 / n_high)
+               for (low, n_low), (high, n_high) in itertools.pairwise(shares))
+
+
+def survivors(records: Records, class_names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Data set indices of the examples of ``classes`` that every attack left robust."""
+    y = records.array("y").astype(np.int64)
+    ok = records.array("clean_pred").astype(np.int64) == y
+    for a in records.attack_names:
+        ok &= records.array("adv_pred", a).astype(np.int64) == y
+    wanted = np.isin(y, [class_names.index(c) for c in classes])
+    return np.sort(records.array("index").astype(np.int64)[ok & wanted])
+
+
+def unreliable_classes(records: Records, class_names: Sequence[str],
+                       signs: dict[str, list[str]], escalated: Sequence[str]) -> dict[str, str]:
+    """Class name -> why its figure stays unreliable after escalation (``escalated``: the
+    escalation's attack columns in ``records``)."""
+    y = records.array("y").astype(np.int64)
+    attacked = records.array("clean_pred").astype(np.int64) == y
+    gradient = [a for a in records.attack_names if a != "square"]
+    robust_gradient = attacked.copy()
+    for a in gradient:
+        robust_gradient &= records.array("adv_pred", a).astype(np.int64) == y
+    found = {}
+    for name, checks in signs.items():
+        c = class_names.index(name)
+        mine = attacked & (y == c)
+        n = int(mine.sum())
+        if "randomised_model" in checks:
+            found[name] = ("the model is randomised: figures without an expectation over its "
+                           "randomness (EOT) overestimate robustness")
+            continue
+        if not n or not escalated:
+            continue
+        if "dlr" in escalated:
+            ran = mine & (records.array("forwards", "dlr") > 0)
+            bad = records.array("bad_gradient", "dlr")[ran].astype(bool)
+            if bad.size and bad.mean() > RESIDUAL_BAD_GRADIENT_SHARE:
+                found[name] = (f"input gradients stayed zero or not finite for {bad.mean():.0%} "
+                               "of its examples under the scale-invariant DLR loss: only a "
+                               "gradient-free search tested it")
+                continue
+        if "square" in escalated:
+            extra = int((mine & robust_gradient &
+                         (records.array("adv_pred", "square").astype(np.int64) != y)).sum())
+            if extra >= 2 and extra > SQUARE_EXCESS * n:
+                found[name] = (f"the gradient-free Square attack broke {extra} of its {n} "
+                               "examples that every gradient attack left robust: its gradients "
+                               "are masked, and a search of limited budget may still "
+                               "overestimate it")
+    return found

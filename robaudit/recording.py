@@ -1,0 +1,89 @@
+"""Per-example records: the engine's finished examples appended to :class:`Records`, and attack
+columns that ran on some examples only (escalation) merged in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from robaudit.attacks.engine import ExampleResult
+from robaudit.attacks.losses import margin
+from robaudit.metrics import Records
+
+Runtime = Callable[[torch.Tensor], torch.Tensor]
+
+
+def record(records: Records, examples: list[ExampleResult], e: int,
+           runtime: Runtime | None) -> None:
+    """Append finished examples' outcomes at the ``e``-th ε to ``records``."""
+    if not examples:
+        return
+    y = torch.tensor([ex.y for ex in examples])
+    clean = torch.stack([ex.clean_logits.float().cpu() for ex in examples])
+    records.index.append(np.array([ex.index for ex in examples], dtype=np.int64))
+    records.y.append(y.numpy())
+    records.clean_pred.append(clean.argmax(dim=1).numpy())
+    records.clean_margin.append(margin(clean, y).numpy())
+    adv_x: dict[str, torch.Tensor] = {}
+    for name in records.attack_names:
+        results = [ex.outcomes[(e, name)] for ex in examples]
+        logits = torch.stack([clean[i] if r is None else r.logits.float().cpu()
+                              for i, r in enumerate(results)])
+        records.adv_pred.setdefault(name, []).append(logits.argmax(dim=1).numpy())
+        records.adv_margin.setdefault(name, []).append(margin(logits, y).numpy())
+        records.forwards.setdefault(name, []).append(
+            np.array([0 if r is None else r.forwards for r in results], dtype=np.int64))
+        records.bad_gradient.setdefault(name, []).append(
+            np.array([False if r is None else r.bad_gradient for r in results]))
+        if runtime is not None:
+            adv_x[name] = torch.stack([ex.x.cpu() if r is None else r.x_adv.cpu()
+                                       for ex, r in zip(examples, results, strict=True)])
+    if runtime is not None:
+        # The deployed runtime sees the same adversarial inputs: does it agree they break?
+        xs = torch.stack([ex.x.cpu() for ex in examples])
+        records.runtime_clean_pred.append(runtime(xs).argmax(dim=1).numpy())
+        for name, x_adv in adv_x.items():
+            records.runtime_pred.setdefault(name, []).append(runtime(x_adv).argmax(dim=1).numpy())
+
+
+def strongest(records: Records, attacks: Sequence[str]) -> np.ndarray:
+    """Per example, the position in ``attacks`` of the strongest one: a breaking attack if any
+    broke it, else the lowest margin."""
+    y = records.array("y").astype(np.int64)
+    preds = np.stack([records.array("adv_pred", a).astype(np.int64) for a in attacks])
+    margins = np.stack([records.array("adv_margin", a) for a in attacks])
+    return np.where(preds != y, -np.inf, margins).argmin(axis=0)
+
+
+def merge_columns(records: Records, extra: Records) -> None:
+    """Add ``extra``'s attack columns to ``records``. ``extra`` ran on some of the examples
+    (matched by index); every other example carries the result of its strongest attack so far,
+    as in worst-case mode, so the worst case over all columns stays the worst case."""
+    index = records.array("index").astype(np.int64)
+    carried = strongest(records, records.attack_names)
+    rows = np.arange(len(index))
+    position = {int(i): p for p, i in enumerate(index)}
+    at = np.array([position[int(i)] for i in extra.array("index").astype(np.int64)],
+                  dtype=np.int64)
+    has_runtime = bool(records.runtime_clean_pred)
+
+    def column(field: str, fill: np.ndarray, name: str) -> list[np.ndarray]:
+        values = fill.copy()
+        if len(at):
+            values[at] = extra.array(field, name)
+        return [values]
+
+    for name in extra.attack_names:
+        stack = {field: np.stack([records.array(field, a) for a in records.attack_names])
+                 for field in ("adv_pred", "adv_margin")}
+        records.adv_pred[name] = column("adv_pred", stack["adv_pred"][carried, rows], name)
+        records.adv_margin[name] = column("adv_margin", stack["adv_margin"][carried, rows], name)
+        records.forwards[name] = column("forwards", np.zeros(len(index), dtype=np.int64), name)
+        records.bad_gradient[name] = column("bad_gradient", np.zeros(len(index), dtype=bool),
+                                            name)
+        if has_runtime:
+            runtime = np.stack([records.array("runtime_pred", a) for a in records.attack_names])
+            records.runtime_pred[name] = column("runtime_pred", runtime[carried, rows], name)
+    records.attack_names.extend(extra.attack_names)
