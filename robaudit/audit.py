@@ -154,9 +154,10 @@ def scan(
         for i, (x, y, idx) in enumerate(iter_batches(source, mine, data_batch)):
             x, y = x.to(device), y.to(device)
             if i == 0:
-                _check_outputs(module, x, len(source.class_names), warnings, sanity)
+                # onnxruntime first: it tells a conversion that fails from data that does not fit.
                 if runtime is not None:
                     runtime_diff = verify_runtime(model, x.cpu())
+                _check_outputs(module, x, len(source.class_names), warnings, sanity)
             yield x, y, idx
 
     done = 0

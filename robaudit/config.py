@@ -109,7 +109,8 @@ FILE_KEYS = tuple(f.name for f in fields(ScanConfig) if f.name not in ("model", 
 
 
 def parse_fraction(text: str | float | int, what: str = "eps") -> float:
-    """``0.03``, ``8/255`` or a number; ConfigError for anything else."""
+    """``0.03``, ``8/255``, ``0.5/255`` (any fraction of two numbers) or a number; ConfigError
+    for anything else."""
     if isinstance(text, bool):
         raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}")
     if isinstance(text, (int, float)):
@@ -117,7 +118,12 @@ def parse_fraction(text: str | float | int, what: str = "eps") -> float:
     if not isinstance(text, str):  # a TOML table or date, say
         raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}")
     try:
-        return float(Fraction(text.strip()))
+        # Fraction alone reads "8/255" but not "0.5/255": each side is read on its own.
+        numerator, slash, denominator = text.partition("/")
+        if "/" in denominator:
+            raise ValueError(text)
+        value = Fraction(numerator.strip())
+        return float(value / Fraction(denominator.strip()) if slash else value)
     except (ValueError, ZeroDivisionError):
         raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}") from None
 

@@ -94,3 +94,18 @@ def test_out_of_range_settings(field, value, words):
 def test_missing_config_file_named_on_the_command_line(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_config({"model": "m", "data": "d"}, config_file=tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0.5/255", 0.5 / 255), ("8/255", 8 / 255), (" 1e-3 / 2 ", 0.0005), ("-2/255", -2 / 255)],
+)
+def test_eps_is_any_fraction_of_two_numbers(text: str, expected: float) -> None:
+    assert parse_fraction(text) == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.parametrize("text", ["1/2/3", "/255", "8/", "0.5/0", "a/255", "nan/2", "8/inf"])
+def test_eps_fraction_refuses_anything_else(text: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        parse_fraction(text)
+    assert str(excinfo.value) == f"eps must be a number like 0.03 or 8/255, not {text!r}"

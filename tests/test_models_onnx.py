@@ -645,17 +645,19 @@ class _Shifted(nn.Module):
 
 def test_check_against_runtime_rejects_a_wrong_conversion(small_model_path: pathlib.Path) -> None:
     module, runner = load_onnx(small_model_path)
-    x = torch.rand(4, 3, 32, 32)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    scale = float(runner(x).abs().max())
     with pytest.raises(ModelLoadError) as excinfo:
         check_against_runtime(_Shifted(module, 0.5), runner, x)
     assert str(excinfo.value) == (
-        "the converted model differs from onnxruntime by up to 0.5 (tolerance atol=0.0001, "
-        "rtol=0.001); the conversion is not trustworthy: please report it"
+        f"the converted model differs from onnxruntime by up to 0.5 on logits of scale "
+        f"{scale:.3g} (tolerance 0.001 of the scale); the conversion is not trustworthy: "
+        "please report it"
     )
     # Within a looser tolerance the same difference passes and is reported.
-    assert check_against_runtime(_Shifted(module, 0.5), runner, x, atol=0.6) == pytest.approx(
-        0.5, abs=1e-4
-    )
+    assert check_against_runtime(
+        _Shifted(module, 0.5), runner, x, rtol=0.6 / scale
+    ) == pytest.approx(0.5, abs=1e-4)
 
 
 def test_check_against_runtime_rejects_nan(small_model_path: pathlib.Path) -> None:
