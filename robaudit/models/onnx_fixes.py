@@ -26,6 +26,13 @@ from onnx2torch.utils.common import (
 )
 from torch import nn
 
+from robaudit.models.onnx_ops import (
+    convert_layer_norm,
+    convert_scatter_nd,
+    convert_slice,
+    convert_split,
+)
+
 __all__ = ["FIX_DOMAIN", "all_nodes", "fix_graph"]
 
 #: Private domain for nodes robaudit converts itself whatever the model's opset (a graph rewrite
@@ -231,111 +238,12 @@ def _convert_mish(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return OperationConverterResult(nn.Mish(), onnx_mapping_from_node(node))
 
 
-class OnnxSplit18(nn.Module):
-    """ONNX Split from opset 18: sizes from the ``split`` input, or ``num_outputs`` equal parts.
-
-    With ``num_outputs`` every part has ceil(size / num_outputs) elements and the last one what
-    is left, which is what ``torch.split`` does with that part size (and what ``torch.chunk``
-    exports as).
-    """
-
-    def __init__(self, axis: int, num_outputs: int, sizes: list[int] | None) -> None:
-        super().__init__()
-        self.axis = axis
-        self.num_outputs = num_outputs
-        self.sizes = sizes
-
-    def forward(
-        self, x: torch.Tensor, split: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        if split is not None:
-            sizes: int | list[int] = [int(size) for size in split.tolist()]
-        elif self.sizes is not None:
-            sizes = self.sizes
-        else:
-            sizes = -(-x.shape[self.axis] // self.num_outputs)
-        return torch.split(x, sizes, dim=self.axis)
-
-
-def _convert_split(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    axis = node.attributes.get("axis", 0)
-    data_name = node.input_values[0]
-    split_name = node.input_values[1] if len(node.input_values) > 1 else ""
-    if not split_name:
-        module = OnnxSplit18(axis, len(node.output_values), None)
-        return OperationConverterResult(module, OnnxMapping((data_name,), node.output_values))
-    try:
-        split = get_const_value(split_name, graph)
-    except KeyError:  # sizes computed in the graph: read at run time
-        module = OnnxSplit18(axis, len(node.output_values), None)
-        return OperationConverterResult(module, onnx_mapping_from_node(node))
-    sizes = [int(size) for size in torch.as_tensor(split).reshape(-1).tolist()]
-    module = OnnxSplit18(axis, len(node.output_values), sizes)
-    return OperationConverterResult(module, OnnxMapping((data_name,), node.output_values))
-
-
-_SCATTER_REDUCE = {"mul": "prod", "max": "amax", "min": "amin"}
-
-
-class OnnxScatterND(nn.Module):
-    """ONNX ScatterND (all versions): ``updates`` written at ``indices`` into a copy of ``data``.
-
-    The leading dimensions that ``indices`` address are flattened so that one ``index_copy`` (or
-    ``index_add``/``index_reduce`` for a reduction) does the work: differentiable in ``data`` and
-    ``updates``, and with no Python loop over indices.
-    """
-
-    def __init__(self, reduction: str) -> None:
-        super().__init__()
-        self.reduction = reduction
-
-    def forward(
-        self, data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor
-    ) -> torch.Tensor:
-        depth = indices.shape[-1]
-        lead = data.shape[:depth]
-        index = indices.reshape(-1, depth).long() % torch.tensor(lead, device=data.device)
-        strides = torch.tensor([*lead[1:], 1], device=data.device).flip(0).cumprod(0).flip(0)
-        rows = (index * strides).sum(1)
-        flat = data.reshape(-1, *data.shape[depth:])
-        values = updates.reshape(-1, *data.shape[depth:]).to(data.dtype)
-        if self.reduction == "none":
-            out = flat.index_copy(0, rows, values)
-        elif self.reduction == "add":
-            out = flat.index_add(0, rows, values)
-        else:
-            out = flat.index_reduce(0, rows, values, _SCATTER_REDUCE[self.reduction])
-        return out.reshape(data.shape)
-
-
-def _convert_scatter_nd(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    reduction = node.attributes.get("reduction", "none")
-    if reduction not in ("none", "add", "mul", "max", "min"):
-        raise NotImplementedError(f"ScatterND with reduction={reduction!r} is not supported")
-    return OperationConverterResult(OnnxScatterND(reduction), onnx_mapping_from_node(node))
-
-
-def _convert_layer_norm(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    # onnx2torch sizes nn.LayerNorm from the input's recorded shape, where an unknown size reads
-    # as 0 (the legacy exporter leaves it unknown after swin_t's patch merging). The scale holds
-    # one weight per normalised element, so its own shape is the normalised shape.
-    result = get_converter("LayerNormalization", 17)(node, graph)
-    layer = result.torch_module
-    if isinstance(layer, nn.LayerNorm) and 0 in layer.normalized_shape:
-        if layer.weight is None or layer.weight.dim() != len(layer.normalized_shape):
-            raise NotImplementedError(
-                "LayerNormalization whose normalised shape is neither recorded nor given by "
-                "its scale is not supported"
-            )
-        layer.normalized_shape = tuple(layer.weight.shape)
-    return result
-
-
 #: Ops that robaudit always converts itself, whatever the model's opset: fix_graph moves them to
 #: FIX_DOMAIN, where these converters (and not onnx2torch's own) take them.
 _REROUTED: dict[str, _Converter] = {
-    "LayerNormalization": _convert_layer_norm,
-    "ScatterND": _convert_scatter_nd,
+    "LayerNormalization": convert_layer_norm,
+    "ScatterND": convert_scatter_nd,
+    "Slice": convert_slice,
 }
 
 
@@ -349,7 +257,7 @@ def _register_converters() -> None:
     _register("Mish", (18, 22), _convert_mish)
     for op_type in _REDUCERS:
         _register(op_type, (18, 20), _convert_reduce)
-    _register("Split", (18,), _convert_split)
+    _register("Split", (18,), convert_split)
     for op_type, converter in {"Reshape": _convert_reshape, **_REROUTED}.items():
         if not _is_registered(op_type, 1, FIX_DOMAIN):
             add_converter(operation_type=op_type, version=1, domain=FIX_DOMAIN)(converter)
