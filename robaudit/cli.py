@@ -47,7 +47,23 @@ def _reporter_for(*outputs: str | None, verbose: int, quiet: int) -> Any:
     for path in outputs:
         if path is not None:
             check_writable(path)
+    _show_log(_verbosity(verbose, quiet) > 0)
     return TerminalReporter(_verbosity(verbose, quiet))
+
+
+def _show_log(show: bool) -> None:
+    """-v: robaudit's log on stderr (e.g. third-party warnings while converting an ONNX model)."""
+    import logging
+
+    logger = logging.getLogger("robaudit")
+    for handler in [h for h in logger.handlers if getattr(h, "robaudit_cli", False)]:
+        logger.removeHandler(handler)  # an earlier command's, on an earlier stderr
+    logger.setLevel(logging.INFO if show else logging.NOTSET)
+    if show:
+        handler = logging.StreamHandler()  # the current sys.stderr
+        handler.setFormatter(logging.Formatter("robaudit: %(message)s"))
+        handler.robaudit_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
 
 
 @cli.command(context_settings=CONTEXT)

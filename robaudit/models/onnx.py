@@ -8,7 +8,11 @@ the missing converters and rewrites the graph patterns it mishandles before conv
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
+import warnings
+from collections.abc import Iterator
 from importlib import metadata
 
 import numpy as np
@@ -25,7 +29,9 @@ from torch import nn
 from robaudit.errors import DataError, ModelLoadError
 from robaudit.models.onnx_fixes import all_nodes, fix_graph
 
-__all__ = ["OrtRunner", "check_against_runtime", "load_onnx"]
+__all__ = ["OrtRunner", "check_against_runtime", "load_onnx", "logged_warnings"]
+
+_LOG = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +126,29 @@ class FixedBatch(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def logged_warnings() -> Iterator[None]:
+    """Send the warnings raised inside (onnx2torch's, onnxruntime's, torch's) to robaudit's log.
+
+    They speak to whoever maintains the converter, not to someone auditing a model, whose
+    terminal they would clutter; ``robaudit scan -v`` shows the log. Whether the conversion can
+    be trusted is decided by the check against onnxruntime, not by these warnings.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                _LOG.info(
+                    "%s while converting the model: %s (%s:%d)",
+                    warning.category.__name__,
+                    warning.message,
+                    warning.filename,
+                    warning.lineno,
+                )
 
 
 def _read_proto(path: pathlib.Path) -> onnx.ModelProto:
@@ -238,14 +267,14 @@ def load_onnx(path: pathlib.Path) -> tuple[nn.Module, OrtRunner]:
     onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     _check_signature(model.graph, path)
 
-    fixed = fix_graph(model)
-    _check_converters(fixed)
-    try:
-        module = onnx2torch.convert(fixed)
-    except Exception as exc:  # converters raise anything from KeyError to NotImplementedError
-        raise _blame_node(fixed, exc) from exc
-
-    runner = OrtRunner(path)
+    with logged_warnings():
+        fixed = fix_graph(model)
+        _check_converters(fixed)
+        try:
+            module = onnx2torch.convert(fixed)
+        except Exception as exc:  # converters raise anything from KeyError to NotImplementedError
+            raise _blame_node(fixed, exc) from exc
+        runner = OrtRunner(path)
     if runner.batch_size is not None:
         module = FixedBatch(module, runner.batch_size)
     return module.eval(), runner

@@ -72,7 +72,7 @@ class OnnxScatterND(nn.Module):
     """ONNX ScatterND (all versions): ``updates`` written at ``indices`` into a copy of ``data``.
 
     The leading dimensions that ``indices`` address are flattened so that one ``index_copy`` (or
-    ``index_add``/``index_reduce`` for a reduction) does the work: differentiable in ``data`` and
+    ``index_add``/``scatter_reduce`` for a reduction) does the work: differentiable in ``data`` and
     ``updates``, and with no Python loop over indices.
     """
 
@@ -95,7 +95,8 @@ class OnnxScatterND(nn.Module):
         elif self.reduction == "add":
             out = flat.index_add(0, rows, values)
         else:
-            out = flat.index_reduce(0, rows, values, _SCATTER_REDUCE[self.reduction])
+            index = rows.reshape(-1, *[1] * (values.dim() - 1)).expand_as(values)
+            out = flat.scatter_reduce(0, index, values, _SCATTER_REDUCE[self.reduction])
         return out.reshape(data.shape)
 
 
