@@ -3,8 +3,9 @@
 Random weights, 10 classes, 32x32 inputs, eval mode. Each case exports the model (the legacy
 TorchScript-based ONNX exporter at opset 17, the dynamo ONNX exporter with a dynamic batch and
 external data, or torch.export to .pt2), scans it with the command line on a handful of images
-labelled with the model's own predictions (so every one is attacked), and checks that
-onnxruntime confirms every figure, class by class.
+labelled with the model's own predictions (so every one is attacked), checks that onnxruntime
+confirms every figure, class by class, and that the loaded module's input gradients are the
+eager model's.
 
 By default only the cases that needed robaudit's own converters run (about a minute on 2 cores):
 shufflenet_v2_x0_5 from the dynamo exporter (Split-18) and swin_t from both exporters
@@ -27,6 +28,7 @@ import torchvision
 from torch import nn
 
 from robaudit.cli import main
+from robaudit.models import load_model
 
 ARCHS = [
     "resnet18",
@@ -81,6 +83,7 @@ def export(model: nn.Module, fmt: str, folder: pathlib.Path) -> pathlib.Path:
     if fmt == "legacy":
         with warnings.catch_warnings():  # the TorchScript exporter is deprecated, still in use
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # swin_t's shape checks
             torch.onnx.export(
                 model, example, str(path), dynamo=False, opset_version=17,
                 input_names=["x"], output_names=["logits"],
@@ -137,4 +140,20 @@ def test_architecture_scans_and_runtime_confirms(
         assert summary["runtime_robust_acc"] == summary["robust_acc"]["worst"]
         for figures in classes:
             assert figures["runtime_robust"] == figures["robust"]["worst"], figures["name"]
+    _assert_same_input_gradient(model, path, data)
     print(f"{arch} {fmt}: {time.perf_counter() - started:.1f} s")
+
+
+def _assert_same_input_gradient(model: nn.Module, path: pathlib.Path, data: pathlib.Path) -> None:
+    # The attacks differentiate the loaded module: its input gradient must be the model's own.
+    with np.load(data) as arrays:
+        x = torch.from_numpy(arrays["x"][:2]).float() / 255
+        y = torch.from_numpy(arrays["y"][:2])
+    gradients = []
+    for module in (model, load_model(path).module):
+        x_grad = x.clone().requires_grad_()
+        nn.functional.cross_entropy(module(x_grad), y).backward()
+        assert x_grad.grad is not None
+        gradients.append(x_grad.grad)
+    expected, loaded = gradients
+    assert float((loaded - expected).abs().max()) <= 1e-3 * float(expected.abs().max())
