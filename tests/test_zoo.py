@@ -67,8 +67,11 @@ def build(arch: str) -> nn.Module:
     elif arch == "googlenet":
         extra = {"aux_logits": False, "init_weights": True}
     torch.manual_seed(0)
-    factory = getattr(torchvision.models, arch)
-    return factory(weights=None, num_classes=10, **extra).eval()
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=10, **extra).eval()
+    if arch == "vit_b_16":
+        # torchvision zeroes ViT's head: all logits 0 would leave nothing to compare or attack.
+        nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
 
 
 def export(model: nn.Module, fmt: str, folder: pathlib.Path) -> pathlib.Path:
