@@ -127,7 +127,7 @@ class OnnxSlice(nn.Module):
     """ONNX Slice (all versions), indexing with a tuple of slices (Python's clamping is ONNX's).
 
     onnx2torch's Slice indexes with a list of slices, which torch deprecates (it warns that it
-    will read it as a tensor index). Arguments left as None are read from the forward inputs.
+    will read it as a tensor index). Arguments computed in the graph come as forward inputs.
     """
 
     def __init__(self, constants: list[list[int] | None], from_inputs: list[bool]) -> None:
