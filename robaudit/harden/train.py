@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,8 @@ class Split:
     y: torch.Tensor
     index: torch.Tensor
     class_names: list[str]
+    #: A hold-out's examples' indices in the data set it was taken from.
+    source_index: torch.Tensor | None = None
 
 
 def load_split(spec: str, scan: ScanConfig, *, split: str) -> Split:
@@ -161,7 +164,7 @@ def train_epoch(
 
 @dataclass
 class Validation:
-    """Per-class clean and PGD robust accuracy on the validation set, and the selection score."""
+    """Per-class clean and PGD robust accuracy on the validation set."""
 
     clean: list[float]
     robust: list[float]
@@ -170,15 +173,15 @@ class Validation:
     worst_robust: float
     worst_class: str
 
-    @property
-    def score(self) -> float:
-        """What the kept checkpoint maximises: mean plus worst-class robust accuracy."""
-        return self.mean_robust + self.worst_robust
-
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {"clean": self.clean, "robust": self.robust, "clean_acc": self.clean_acc,
                 "mean_robust": self.mean_robust, "worst_robust": self.worst_robust,
-                "worst_class": self.worst_class, "score": self.score}
+                "worst_class": self.worst_class}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Validation:
+        return cls(list(doc["clean"]), list(doc["robust"]), float(doc["clean_acc"]),
+                   float(doc["mean_robust"]), float(doc["worst_robust"]), str(doc["worst_class"]))
 
 
 def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,
@@ -238,13 +241,3 @@ class LogitBias(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits + self.bias
-
-
-def average_into(average: dict[str, torch.Tensor], module: nn.Module, decay: float) -> None:
-    """``θ̄ ← decay·θ̄ + (1 − decay)·θ`` for floating-point entries (CFA's weight averaging)."""
-    with torch.no_grad():
-        for name, value in module.state_dict().items():
-            if value.is_floating_point():
-                average[name].mul_(decay).add_(value, alpha=1 - decay)
-            else:
-                average[name].copy_(value)
