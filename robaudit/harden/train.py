@@ -71,9 +71,12 @@ class EpochStats:
     train_robust: list[float]
 
 
-def generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    """A CPU generator for one purpose of one epoch (stream 0: data order, 1: random starts)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 101 + stream) % (2**63 - 1))
+def generator(seed: int, epoch: int, stream: int,
+              device: torch.device | None = None) -> torch.Generator:
+    """A generator for one purpose of one epoch (stream 0: data order, 1: random starts), on
+    ``device`` (default CPU) so that random starts are drawn where the images are."""
+    gen = torch.Generator() if device is None else torch.Generator(device=device)
+    return gen.manual_seed((seed * 1_000_003 + epoch * 101 + stream) % (2**63 - 1))
 
 
 def make_adversarial(module: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
@@ -85,9 +88,9 @@ def make_adversarial(module: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: t
     if objective == "trades":
         with torch.no_grad():
             target = F.softmax(module(x), dim=1)
-        noise = 0.001 * torch.randn(x.shape, generator=gen).to(x.device)
+        noise = 0.001 * torch.randn(x.shape, generator=gen, device=x.device)
     else:
-        noise = (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * eps_b
+        noise = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps_b
     x_adv = torch.maximum(torch.minimum(x + noise, upper), lower)
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
@@ -122,10 +125,12 @@ def train_epoch(
     beta = torch.tensor(settings.beta, device=device)
     k = len(settings.eps)
     order = torch.randperm(len(data.y), generator=generator(seed, epoch, 0))
-    starts = generator(seed, epoch, 1)
-    correct = torch.zeros(k, dtype=torch.long)
-    seen = torch.zeros(k, dtype=torch.long)
-    total, count = 0.0, 0
+    starts = generator(seed, epoch, 1, device)
+    # Tallies stay on the device: the loop waits for it only when progress is reported.
+    correct = torch.zeros(k, dtype=torch.long, device=device)
+    seen = torch.zeros(k, dtype=torch.long, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     batches = (len(order) + batch_size - 1) // batch_size
     was_training = module.training
     try:
@@ -149,17 +154,18 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            hit = (adv_logits.detach().argmax(dim=1) == y).cpu()
-            correct += torch.bincount(y.cpu()[hit], minlength=k)
-            seen += torch.bincount(y.cpu(), minlength=k)
-            total += float(loss.detach()) * len(y)
+            hit = adv_logits.detach().argmax(dim=1) == y
+            correct += torch.bincount(y[hit], minlength=k)
+            seen += torch.bincount(y, minlength=k)
+            total += loss.detach().double() * len(y)
             count += len(y)
             if on_batch is not None:
-                on_batch(b + 1, batches, total / count)
+                on_batch(b + 1, batches, float(total) / count)
     finally:
         module.train(was_training)
-    robust = [float(c) / float(n) if n else 1.0 for c, n in zip(correct, seen, strict=True)]
-    return EpochStats(total / max(count, 1), robust)
+    robust = [c / n if n else 1.0
+              for c, n in zip(correct.tolist(), seen.tolist(), strict=True)]
+    return EpochStats(float(total) / max(count, 1), robust)
 
 
 @dataclass
