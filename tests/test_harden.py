@@ -284,6 +284,9 @@ def test_an_epoch_that_lifts_the_worst_class_but_breaks_the_budget_is_not_kept()
     base = _validation(clean=0.98, mean=0.63, worst=0.07)
     run = RunState(0, Budget.around(base, max_mean_drop=0.02, max_clean_drop=0.01),
                    Candidate(0, {}, base))
+    # Epoch 5: a higher class mean alone does not displace the input model.
+    assert run.offer(Candidate(5, {}, _validation(0.98, 0.66, 0.07)))
+    assert run.best.epoch == 0
     # Epoch 1: worst +19 points, but the class mean falls 4 points: out of budget.
     assert not run.offer(Candidate(1, {}, _validation(0.98, 0.59, 0.26)))
     assert run.best.epoch == 0

@@ -247,13 +247,11 @@ def _warnings(config: HardenConfig, run: RunState) -> list[str]:
     b, base = run.budget, run.history[0]["validation"]
     lifted = run.best.validation.worst_robust > base["worst_robust"] + 1e-9
     if config.epochs > 0 and not lifted:
-        kept = ("the input model is kept" if run.best.epoch == 0 else
-                f"epoch {run.best.epoch} is kept for its class mean alone")
         found.append(
             f"no epoch lifted the weakest validation class while keeping the class mean at "
             f"{b.mean_floor:.1%} or more and clean accuracy at {b.clean_floor:.1%} or more "
-            f"(--max-mean-drop, --max-clean-drop): {kept}; more --epochs, another --lr or a "
-            "larger budget may find one"
+            "(--max-mean-drop, --max-clean-drop): the input model is kept; more --epochs, "
+            "another --lr or a larger budget may find one"
         )
         if config.reweight == "cfa":
             found.append(

@@ -4,8 +4,8 @@
 robust accuracy at most ``max_mean_drop`` below the input model's, clean accuracy at most
 ``max_clean_drop`` below it. Among the epochs within both (the input model always is), the kept
 one has the highest worst-class PGD robust accuracy on the validation set (ties: the higher class
-mean, then the earlier epoch). When no epoch beats the input model within the budget, the input
-model is kept.
+mean, then the earlier epoch). When no epoch within the budget lifts the worst class above the
+input model's, the input model is kept (a higher class mean alone does not displace it).
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ class Budget:
                 "mean_floor": self.mean_floor, "clean_floor": self.clean_floor}
 
 
-def better(a: Validation, b: Validation) -> bool:
-    """Whether ``a`` lifts the worst class above ``b`` (ties: a higher class mean)."""
+def better(a: Validation, b: Validation, *, b_is_input: bool = False) -> bool:
+    """Whether ``a`` lifts the worst class above ``b`` (ties: a higher class mean, except
+    against the input model, which only a higher worst class displaces)."""
     if abs(a.worst_robust - b.worst_robust) > TOLERANCE:
         return a.worst_robust > b.worst_robust
-    return a.mean_robust > b.mean_robust + TOLERANCE
+    return not b_is_input and a.mean_robust > b.mean_robust + TOLERANCE
 
 
 @dataclass
@@ -77,7 +78,8 @@ class RunState:
         """Keep ``candidate`` if the budget admits it and it beats the best so far; says
         whether the budget admitted it."""
         within = self.budget.admits(candidate.validation)
-        if within and better(candidate.validation, self.best.validation):
+        if within and better(candidate.validation, self.best.validation,
+                                  b_is_input=self.best.epoch == 0):
             self.best = candidate
         return within
 
