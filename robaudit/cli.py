@@ -237,7 +237,10 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
 @click.option("--data", "train_data", required=True,
               help="Training data: a .npz/.pt file, an image folder, or a data set name.")
 @click.option("--val-data", help="Validation data, scanned every epoch and before/after "
-              "(the same forms).  [default: data in the config file]")
+              "(the same forms).  [default: a hold-out of --data, see --val-fraction]")
+@click.option("--val-fraction", type=float, help="Without --val-data: the fraction of each "
+              "class of --data held out (seeded) for validation, never trained on.  "
+              "[default: 0.1]")
 @click.option("--out", required=True, help="Where to write the hardened model (same format "
               "and suffix as MODEL).")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Fine-tuning epochs "
@@ -259,10 +262,14 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option("--calibrate", is_flag=True, help="Append a per-class logit bias tuned on the "
               "validation set to raise the worst class.")
+@click.option("--max-mean-drop", type=float, default=0.02, show_default=True,
+              help="Budget: keep only epochs whose validation class-mean robust accuracy stays "
+              "within this of the input model's.")
 @click.option("--max-clean-drop", type=float, default=0.01, show_default=True,
-              help="Largest clean-accuracy loss --calibrate may cost.")
+              help="Budget: the same for clean accuracy (and what --calibrate may cost).")
 @click.option("--json", "json_path", help="Write the JSON harden report here.")
-@click.option("--html", help="Write the HTML report of the hardened model's scan here.")
+@click.option("--html", help="Write the HTML before/after report here (both scans, per-class "
+              "change).")
 @click.option("--data-root", help="Where named data sets live.")
 @click.option("--download/--no-download", default=None,
               help="Download a named data set into --data-root if it is missing.")
@@ -299,10 +306,11 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
               help="Config file of the scan settings.  [default: ./robaudit.toml]")
 @click.option("-v", "--verbose", count=True, help="More output (tracebacks on internal errors).")
 @click.option("-q", "--quiet", count=True, help="Only the verdict line, warnings and errors.")
-def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs: int,
-           objective: str, beta: float, reweight: str, class_eps: bool | None, lr: float,
-           train_batch_size: int, train_steps: int, checkpoint: str | None, resume: bool,
-           calibrate: bool, max_clean_drop: float, json_path: str | None, html: str | None,
+def harden(model: Path, train_data: str, val_data: str | None, val_fraction: float | None,
+           out: str, epochs: int, objective: str, beta: float, reweight: str,
+           class_eps: bool | None, lr: float, train_batch_size: int, train_steps: int,
+           checkpoint: str | None, resume: bool, calibrate: bool, max_mean_drop: float,
+           max_clean_drop: float, json_path: str | None, html: str | None,
            config_file: Path | None, verbose: int, quiet: int, **options: Any) -> int:
     """Fine-tune MODEL so that its weakest classes catch up; exit 0 when the hardened model
     passes the scan's gate, 1 when classes are still flagged."""
@@ -314,22 +322,22 @@ def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs:
     from robaudit.harden import harden as run_harden
     from robaudit.reports.json import write_json
 
-    options["data"] = val_data
-    try:
-        scan_config = resolve_config({"model": str(model), **options}, config_file=config_file)
-    except ConfigError as e:
-        if "no data set given" in str(e):  # in harden, --data is the training set
-            raise ConfigError("no validation data given: pass --val-data (a held-out set, "
-                              "scanned before, during and after training)") from None
-        raise
+    if val_data is not None and val_fraction is not None:
+        raise ConfigError("--val-fraction holds out part of --data; it does not apply with "
+                          "--val-data")
+    if val_data is None:  # a hold-out of the training data; a config file's data is not used
+        val_fraction = 0.1 if val_fraction is None else val_fraction
+    # Without --val-data, the scan settings' data is the training set the hold-out comes from.
+    options["data"] = val_data or train_data
+    scan_config = resolve_config({"model": str(model), **options}, config_file=config_file)
     # The harden report replaces the scan's own report files.
     scan_config = dataclasses.replace(scan_config, json=None, junit=None, html=None)
     config = HardenConfig(
-        scan=scan_config, train_data=train_data, out=out, epochs=epochs, objective=objective,
-        beta=beta, reweight=reweight, class_eps=class_eps, lr=lr,
-        train_batch_size=train_batch_size, train_steps=train_steps, checkpoint=checkpoint,
-        resume=resume, calibrate=calibrate, max_clean_drop=max_clean_drop, json=json_path,
-        html=html,
+        scan=scan_config, train_data=train_data, out=out, val_fraction=val_fraction,
+        epochs=epochs, objective=objective, beta=beta, reweight=reweight, class_eps=class_eps,
+        lr=lr, train_batch_size=train_batch_size, train_steps=train_steps,
+        checkpoint=checkpoint, resume=resume, calibrate=calibrate, max_mean_drop=max_mean_drop,
+        max_clean_drop=max_clean_drop, json=json_path, html=html,
     )
     reporter = _reporter_for(out, json_path, html, verbose=verbose, quiet=quiet)
     with reporter.harden_progress() as progress:
@@ -338,12 +346,9 @@ def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs:
     if json_path:
         write_json(json_path, doc)
     if html:
-        from robaudit.reports.html import write_html
+        from robaudit.reports.harden_html import write_harden_html
 
-        write_html(html, doc["after"])
-        # html.py renders scan reports: the input model's scan goes beside the hardened one's.
-        before_html = Path(html).with_name(Path(html).stem + ".before.html")
-        write_html(before_html, doc["before"])
+        write_harden_html(html, doc)
     reporter.render_harden(doc)
     for label, path in (("JSON", json_path), ("HTML", html)):
         if path:
