@@ -199,7 +199,7 @@ def test_compare_prints_and_writes_the_rank_correlation(report, tmp_path, capsys
     assert main(["compare", b, n, "--max-drop", "1", "--json", str(out_json)]) == ExitCode.OK
     out = " ".join(capsys.readouterr().out.split())
     assert ("class ranking: Spearman -1.00 from the baseline to the report; moved most (place 1 "
-            "= least robust): 0 3 -> 1, 8 1 -> 3") in out
+            "= least robust): 0 (3 -> 1), 8 (1 -> 3)") in out
     assert f"JSON comparison: {out_json}" in out
     doc = json.loads(out_json.read_text())
     assert doc["rank_correlation"] == pytest.approx(-1.0)

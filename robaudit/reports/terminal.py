@@ -327,7 +327,7 @@ def _ranking_line(doc: dict[str, Any]) -> str:
     moves = doc.get("rank_moved_most") or []
     if moves:
         line += "; moved most (place 1 = least robust): " + ", ".join(
-            f"{m['name']} {_place(m['baseline'])} -> {_place(m['current'])}" for m in moves)
+            f"{m['name']} ({_place(m['baseline'])} -> {_place(m['current'])})" for m in moves)
     return line
 
 
