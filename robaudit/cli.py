@@ -213,22 +213,34 @@ def report(report: Path, junit: str | None, html: str | None, quiet: int) -> int
 @click.option("--significance/--no-significance", default=None,
               help="Flag a drop only when even the 95% Wilson upper bound dropped too far.  "
               "[default: the report's setting]")
+@click.option("--json", "json_path", help="Write the comparison here as JSON: per-class "
+              "deltas, verdicts and the rank correlation of the two class rankings.")
 @click.option("-q", "--quiet", count=True, help="Only the verdict line and warnings.")
 def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
-            significance: bool | None, quiet: int) -> int:
+            significance: bool | None, json_path: str | None, quiet: int) -> int:
     """Compare REPORT with a BASELINE report, class by class; exit 1 when a class dropped more
-    than --max-drop. Both must be made with the same eps, attacks and classes (else exit 4)."""
+    than --max-drop. Both must be made with the same eps, attacks and classes (else exit 4).
+    Also prints how far the two agree on which classes are weak (Spearman's rank correlation)."""
     from robaudit.compare import compare as compare_reports
     from robaudit.compare import read_figures
     from robaudit.config import parse_fraction
     from robaudit.reports.json import read_json
-    from robaudit.reports.terminal import TerminalReporter
 
+    reporter = _reporter_for(json_path, verbose=0, quiet=quiet)
     comparison = compare_reports(
         read_figures(baseline), read_json(report), max_drop=parse_fraction(max_drop, "max_drop"),
         report_path=str(report), figure=gate_on, significance=significance,
     )
-    TerminalReporter(_verbosity(0, quiet)).render_compare(comparison.to_dict())
+    doc = comparison.to_dict()
+    if json_path:
+        import json
+
+        from robaudit.reports import atomic_write
+
+        atomic_write(json_path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+    reporter.render_compare(doc)
+    if json_path:
+        reporter.info(f"JSON comparison: {json_path}")
     return ExitCode.FLAGGED if comparison.flagged else ExitCode.OK
 
 

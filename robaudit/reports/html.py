@@ -21,6 +21,7 @@ import jinja2
 from markupsafe import Markup
 
 from robaudit.reports import atomic_write
+from robaudit.reports.baseline_view import baseline_view
 
 WORST = "worst"  # the worst case over attacks, as the JSON report names it
 #: Up to this many audited classes, every chart and the table show every class.
@@ -133,6 +134,7 @@ def build_view(doc: dict[str, Any]) -> dict[str, Any]:
         "correlations": _correlations(doc),
         "gains": _gains(doc, present),
         "gallery": _gallery(doc, weakest_first),
+        "baseline": baseline_view(doc, on),
     }
 
 

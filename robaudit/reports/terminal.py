@@ -196,6 +196,8 @@ class TerminalReporter:
                 change = (doc["mean_current"] - doc["mean_baseline"]) * 100
                 self.console.print(f"class mean {_pct(doc['mean_baseline'])} -> "
                                    f"{_pct(doc['mean_current'])} ({change:+.1f} pp)")
+            if "rank_correlation" in doc:
+                self.console.print(Text(_ranking_line(doc)))
             if reasons:
                 for c in doc["classes"]:
                     for failure in c["failures"]:
@@ -333,3 +335,20 @@ class TerminalReporter:
             f"kept epoch {kept['epoch']} (highest worst-class robust accuracy within the "
             f"budget: {val['worst_class']} {_pct(val['worst_robust'])}, class mean "
             f"{_pct(val['mean_robust'])}, clean {_pct(val['clean_acc'])})")
+
+def _ranking_line(doc: dict[str, Any]) -> str:
+    """Whether the two reports agree on the weak classes: Spearman and the biggest moves."""
+    rho = doc["rank_correlation"]
+    if rho is None:
+        return "class ranking: no rank correlation (one report has every class at one figure)"
+    line = f"class ranking: Spearman {rho:+.2f} from the baseline to the report"
+    moves = doc.get("rank_moved_most") or []
+    if moves:
+        line += "; moved most (place 1 = least robust): " + ", ".join(
+            f"{m['name']} ({_place(m['baseline'])} -> {_place(m['current'])})" for m in moves)
+    return line
+
+
+def _place(value: float) -> str:
+    return f"{value:g}"
+
