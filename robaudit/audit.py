@@ -33,7 +33,7 @@ from robaudit.errors import (
     UsageError,
 )
 from robaudit.gallery import make_gallery
-from robaudit.gate import GatePolicy, Verdict, judge
+from robaudit.gate import Verdict, judge
 from robaudit.metrics import ClassStats, Records, Summary, class_stats, confusion, summarize
 from robaudit.models import load_model, verify_runtime
 
@@ -207,12 +207,8 @@ def scan(
         raise NothingToAudit("nothing to audit: no examples were selected")
     stats = class_stats(main, source.class_names)
     summary = summarize(main, stats)
-    policy = GatePolicy(
-        min_class_robust=config.min_class_robust, min_ratio=config.min_ratio,
-        max_gap=config.max_gap, max_drop=config.max_drop, significance=config.significance,
-        on=config.gate_on,
-    )
-    verdicts = judge(stats, policy, baseline.robust.get(config.gate_on) if baseline else None)
+    verdicts = judge(stats, config.gate_policy(),
+                     baseline.robust.get(config.gate_on) if baseline else None)
     sweep = _sweep(records, eps_list, source.class_names) if len(eps_list) > 1 else []
     sanity.extend(_sanity_checks(summary, sweep, config))
     warnings.extend(_runtime_warnings(summary))

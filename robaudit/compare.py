@@ -16,6 +16,7 @@ from robaudit.config import format_eps
 from robaudit.errors import UsageError
 from robaudit.gate import Failure, GatePolicy, judge
 from robaudit.metrics import WORST, ClassStats, Rate, ranks, spearman
+from robaudit.reports.schema import read_json
 
 # eps goes through JSON as a float: equal settings may differ in the last bits.
 _EPS_TOL = 1e-9
@@ -66,9 +67,6 @@ class Figures:
 
 def read_figures(path: str | Path) -> Figures:
     """A saved report's figures; UsageError when the file is not a robaudit report."""
-    # Imported here: reports.json imports the scan pipeline, which imports this module.
-    from robaudit.reports.json import read_json
-
     return Figures.from_doc(read_json(path), path)
 
 
