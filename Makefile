@@ -47,3 +47,9 @@ clean:
 bench: venv
 	$(PY) -m pip install --quiet torchattacks==3.5.1
 	$(PY) benchmarks/bench_attacks.py
+
+# The paper's six findings on the bundled examples: runs robaudit's own commands on the shipped
+# models (minutes on 2 cores, no training beyond harden's short fine-tune), rewrites docs/findings.md.
+.PHONY: findings
+findings: venv
+	$(PY) docs/make_findings.py

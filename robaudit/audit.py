@@ -22,7 +22,7 @@ from robaudit import __version__, distributed
 from robaudit.attacks import Attack, build_attacks
 from robaudit.attacks.engine import DEFAULT_BATCH, EnginePool, ExampleResult, stream_audit
 from robaudit.compare import Figures, check_comparable, read_figures
-from robaudit.config import ScanConfig, attack_settings, describe_attacks, format_eps, gate_policy
+from robaudit.config import ScanConfig, attack_settings, describe_attacks, format_eps
 from robaudit.data import DataSource, iter_batches, load_data, select_indices
 from robaudit.errors import (
     ConfigError,
@@ -232,9 +232,10 @@ def _stream(config: ScanConfig, loaded: _Loaded, run: _Attacked,
         for i, (x, y, idx) in enumerate(iter_batches(source, mine, data_batch)):
             x, y = x.to(device), y.to(device)
             if i == 0:
-                _check_outputs(module, x, len(source.class_names), run.warnings, run.sanity)
+                # onnxruntime first: it tells a conversion that fails from data that does not fit.
                 if runtime is not None:
                     run.runtime_diff = verify_runtime(loaded.model, x.cpu())
+                _check_outputs(module, x, len(source.class_names), run.warnings, run.sanity)
             yield x, y, idx
 
     buffered: list[ExampleResult] = []
@@ -324,7 +325,7 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
     stats = class_stats(main, names)
     summary = summarize(main, stats)
     baseline = loaded.baseline
-    verdicts = judge(stats, gate_policy(config),
+    verdicts = judge(stats, config.gate_policy(),
                      baseline.robust.get(config.gate_on) if baseline else None,
                      unreliable=run.escalation.unreliable,
                      allow_unreliable=config.allow_unreliable)

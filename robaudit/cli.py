@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,79 +47,127 @@ def _reporter_for(*outputs: str | None, verbose: int, quiet: int) -> Any:
     for path in outputs:
         if path is not None:
             check_writable(path)
+    _show_log(_verbosity(verbose, quiet) > 0)
     return TerminalReporter(_verbosity(verbose, quiet))
+
+
+def _show_log(show: bool) -> None:
+    """-v: robaudit's log on stderr (e.g. third-party warnings while converting an ONNX model)."""
+    import logging
+
+    logger = logging.getLogger("robaudit")
+    for handler in [h for h in logger.handlers if getattr(h, "robaudit_cli", False)]:
+        logger.removeHandler(handler)  # an earlier command's, on an earlier stderr
+    logger.setLevel(logging.INFO if show else logging.NOTSET)
+    if show:
+        handler = logging.StreamHandler()  # the current sys.stderr
+        handler.setFormatter(logging.Formatter("robaudit: %(message)s"))
+        handler.robaudit_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
+def _setting(*decls: str, scan_only: bool = False, **attrs: Any) -> tuple[bool, Any]:
+    return scan_only, click.option(*decls, **attrs)
+
+
+#: The scan settings on the command line, declared once, in --help order: each goes to
+#: ``resolve_config`` under its ScanConfig field's name (or is --config, -v, -q). ``scan`` takes
+#: them all, ``harden`` those not ``scan_only`` (for its before/after scans and its validation;
+#: its own --data, --json and --html mean other things). A new setting is one line here.
+SETTINGS = [
+    _setting("--data", scan_only=True, help="A .npz/.pt file, an image folder, or a data set "
+             "name (mnist, fashionmnist, cifar10, cifar100, svhn, stl10, imagenet)."),
+    _setting("--data-root", help="Where named data sets live."),
+    _setting("--download/--no-download", default=None,
+             help="Download a named data set into --data-root if it is missing."),
+    _setting("--split", scan_only=True, help="Split of a named data set.  [default: test]"),
+    _setting("--class-names", help="Text file with one class name per line."),
+    _setting("--image-size", type=int, help="Resize and centre-crop images to this size."),
+    _setting("--classes", scan_only=True,
+             help="Audit only these classes (comma-separated names)."),
+    _setting("--per-class", type=int, help="Seeded stratified sample of N examples per class "
+             "(harden: of the training and of the validation data)."),
+    _setting("--limit", type=int, help="At most N examples in all, kept balanced (harden: of "
+             "the training and of the validation data)."),
+    _setting("--arch", help="Architecture for a state dict: torchvision:resnet18 or "
+             "package.module:factory (imports and runs that code: trust it)."),
+    _setting("--num-classes", type=int, help="Number of classes for --arch."),
+    _setting("--mean", help="Per-channel mean the model normalises with, e.g. 0.49,0.48,0.45."),
+    _setting("--std", help="Per-channel std the model normalises with."),
+    _setting("--runtime-check/--no-runtime-check", default=None,
+             help="Check an ONNX model's conversion and adversarial examples against "
+             "onnxruntime.  [default: on]"),
+    _setting("--attacks", help="Comma-separated: fgsm, pgd, tpgd, cw (harden: of the "
+             "before/after scans).  [default: pgd,tpgd]"),
+    _setting("--eps", help="L-inf radius in pixel units [0,1]; fractions like 8/255 work; "
+             "several (2/255,4/255,8/255) run a sweep.  [default: 8/255]"),
+    _setting("--gate-eps", scan_only=True, help="With several --eps, the one the gate judges.  "
+             "[default: the largest]"),
+    _setting("--mode", scan_only=True, type=click.Choice(["each", "worst-case"]),
+             help="each: every attack on every example (per-attack figures); worst-case: later "
+             "attacks only on examples earlier ones did not break (faster).  [default: each]"),
+    _setting("--schedule", scan_only=True, type=click.Choice(["fixed", "halving"]),
+             help="Step size: fixed 2.5*eps/steps, or from 2*eps halved when the loss stalls "
+             "(APGD).  [default: halving]"),
+    _setting("--steps", type=int, help="Attack iterations (harden: of the scans and the "
+             "validation).  [default: 20]"),
+    _setting("--step-size", help="Step size (the first one, with halving).  [default: 2*eps "
+             "with halving, 2.5*eps/steps with fixed]"),
+    _setting("--restarts", type=int, help="Random restarts (only still-robust examples "
+             "are attacked again).  [default: 1]"),
+    _setting("--temperatures", scan_only=True, help="T-PGD softmax temperatures; the worst "
+             "case over them counts.  [default: 0.1,0.5]"),
+    _setting("--seed", type=int, help="Seed for sampling, random starts and (harden) the "
+             "data order.  [default: 0]"),
+    _setting("--batch-size", type=int, help="Examples per batch of a scan.  [default: 256, "
+             "and up to 4096 attacked at once for small inputs]"),
+    _setting("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]"),
+    _setting("--amp/--no-amp", scan_only=True, default=None,
+             help="bf16 autocast for the attack passes (CUDA, or a CPU with AVX512-BF16/AMX); "
+             "breaks are confirmed in fp32.  [default: off]"),
+    _setting("--strict/--no-strict", scan_only=True, default=None,
+             help="Exit 4 when a sanity check finds signs of gradient masking."),
+    _setting("--min-class-robust", help="Flag classes whose robust accuracy is below this."),
+    _setting("--min-ratio", help="Flag classes below this fraction of the class mean."),
+    _setting("--max-gap", help="Flag classes further than this below the best class."),
+    _setting("--significance/--no-significance", default=None,
+             help="Flag a class only when its whole 95% Wilson interval fails."),
+    _setting("--gate-on", help="The figure the gate judges: worst or an attack's name.  "
+             "[default: worst]"),
+    _setting("--baseline", scan_only=True, help="A saved JSON report: flag classes whose "
+             "robust accuracy dropped more than --max-drop below it."),
+    _setting("--max-drop", scan_only=True,
+             help="Largest allowed drop per class against --baseline, e.g. 0.03."),
+    _setting("--json", scan_only=True, help="Write the JSON report here."),
+    _setting("--json-images/--no-json-images", scan_only=True, default=None,
+             help="Keep the gallery's adversarial images in the JSON report."),
+    _setting("--junit", scan_only=True, help="Write a JUnit XML report here."),
+    _setting("--html", scan_only=True,
+             help="Write the HTML report here (one self-contained file)."),
+    _setting("--config", "config_file", type=click.Path(path_type=Path),
+             help="Config file of the scan settings.  [default: ./robaudit.toml or "
+             "[tool.robaudit] in ./pyproject.toml]"),
+    _setting("-v", "--verbose", count=True, help="More output (tracebacks on internal errors)."),
+    _setting("-q", "--quiet", count=True, help="Only the verdict line, warnings and errors."),
+]
+
+
+def _settings(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The decorator that adds ``command``'s share of SETTINGS to it."""
+    chosen = [option for scan_only, option in SETTINGS if command == "scan" or not scan_only]
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(chosen):  # click lists options in the order decorators run
+            function = option(function)
+        return function
+
+    return decorate
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--data", help="A .npz/.pt file, an image folder, or a data set name "
-              "(mnist, fashionmnist, cifar10, cifar100, svhn, stl10, imagenet).")
-@click.option("--data-root", help="Where named data sets live.")
-@click.option("--download/--no-download", default=None,
-              help="Download a named data set into --data-root if it is missing.")
-@click.option("--split", help="Split of a named data set.  [default: test]")
-@click.option("--class-names", help="Text file with one class name per line.")
-@click.option("--image-size", type=int, help="Resize and centre-crop images to this size.")
-@click.option("--classes", help="Audit only these classes (comma-separated names).")
-@click.option("--per-class", type=int, help="Seeded stratified sample of N examples per class.")
-@click.option("--limit", type=int, help="At most N examples in all (kept balanced).")
-@click.option("--arch", help="Architecture for a state dict: torchvision:resnet18 or "
-              "package.module:factory (imports and runs that code: trust it).")
-@click.option("--num-classes", type=int, help="Number of classes for --arch.")
-@click.option("--mean", help="Per-channel mean the model normalises with, e.g. 0.49,0.48,0.45.")
-@click.option("--std", help="Per-channel std the model normalises with.")
-@click.option("--runtime-check/--no-runtime-check", default=None,
-              help="Check an ONNX model's conversion and adversarial examples against "
-              "onnxruntime.  [default: on]")
-@click.option("--attacks", help="Comma-separated: fgsm, pgd, tpgd, cw.  [default: pgd,tpgd]")
-@click.option("--eps", help="L-inf radius in pixel units [0,1]; fractions like 8/255 work; "
-              "several (2/255,4/255,8/255) run a sweep.  [default: 8/255]")
-@click.option("--gate-eps", help="With several --eps, the one the gate judges.  "
-              "[default: the largest]")
-@click.option("--mode", type=click.Choice(["each", "worst-case"]),
-              help="each: every attack on every example (per-attack figures); worst-case: later "
-              "attacks only on examples earlier ones did not break (faster).  [default: each]")
-@click.option("--schedule", type=click.Choice(["fixed", "halving"]),
-              help="Step size: fixed 2.5*eps/steps, or from 2*eps halved when the loss stalls "
-              "(APGD).  [default: halving]")
-@click.option("--steps", type=int, help="Attack iterations.  [default: 20]")
-@click.option("--step-size", help="Step size (the first one, with halving).  [default: 2*eps "
-              "with halving, 2.5*eps/steps with fixed]")
-@click.option("--restarts", type=int, help="Random restarts (only still-robust examples "
-              "are attacked again).  [default: 1]")
-@click.option("--temperatures", help="T-PGD softmax temperatures; the worst case over them "
-              "counts.  [default: 0.1,0.5]")
-@click.option("--seed", type=int, help="Seed for sampling and random starts.  [default: 0]")
-@click.option("--batch-size", type=int, help="Examples per batch.  [default: 256, and up to "
-              "4096 attacked at once for small inputs]")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
-@click.option("--amp/--no-amp", default=None,
-              help="bf16 autocast for the attack passes (CUDA, or a CPU with AVX512-BF16/AMX); "
-              "breaks are confirmed in fp32.  [default: off]")
-@click.option("--strict/--no-strict", default=None,
-              help="Exit 4 when a sanity check finds signs of gradient masking.")
-@click.option("--min-class-robust", help="Flag classes whose robust accuracy is below this.")
-@click.option("--min-ratio", help="Flag classes below this fraction of the class mean.")
-@click.option("--max-gap", help="Flag classes further than this below the best class.")
-@click.option("--significance/--no-significance", default=None,
-              help="Flag a class only when its whole 95% Wilson interval fails.")
-@click.option("--gate-on", help="The figure the gate judges: worst or an attack's name.  "
-              "[default: worst]")
-@click.option("--baseline", help="A saved JSON report: flag classes whose robust accuracy "
-              "dropped more than --max-drop below it.")
-@click.option("--max-drop", help="Largest allowed drop per class against --baseline, e.g. 0.03.")
-@click.option("--json", "json_path", help="Write the JSON report here.")
-@click.option("--json-images/--no-json-images", default=None,
-              help="Keep the gallery's adversarial images in the JSON report.")
-@click.option("--junit", help="Write a JUnit XML report here.")
-@click.option("--html", help="Write the HTML report here (one self-contained file).")
-@click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="Config file.  [default: ./robaudit.toml or [tool.robaudit] in "
-              "./pyproject.toml]")
-@click.option("-v", "--verbose", count=True, help="More output (tracebacks on internal errors).")
-@click.option("-q", "--quiet", count=True, help="Only the verdict line, warnings and errors.")
-def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, json_path: str | None,
-         **options: Any) -> int:
+@_settings("scan")
+def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **options: Any) -> int:
     """Attack MODEL on a data set and judge each class's robust accuracy."""
     from robaudit.audit import scan as run_scan
     from robaudit.config import resolve_config
@@ -127,8 +175,7 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, json_p
     from robaudit.reports.json import exit_code, to_dict, without_images, write_json
     from robaudit.reports.junit import write_junit
 
-    options["json"] = json_path
-    config = resolve_config({"model": str(model), **options}, config_file=config_file)
+    config = resolve_config({"model": model, **options}, config_file=config_file)
     if not is_main_process():
         # Under torchrun the other ranks attack their shards and stay silent: rank 0 reports.
         return exit_code(run_scan(config))
@@ -197,22 +244,34 @@ def report(report: Path, junit: str | None, html: str | None, quiet: int) -> int
 @click.option("--significance/--no-significance", default=None,
               help="Flag a drop only when even the 95% Wilson upper bound dropped too far.  "
               "[default: the report's setting]")
+@click.option("--json", "json_path", help="Write the comparison here as JSON: per-class "
+              "deltas, verdicts and the rank correlation of the two class rankings.")
 @click.option("-q", "--quiet", count=True, help="Only the verdict line and warnings.")
 def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
-            significance: bool | None, quiet: int) -> int:
+            significance: bool | None, json_path: str | None, quiet: int) -> int:
     """Compare REPORT with a BASELINE report, class by class; exit 1 when a class dropped more
-    than --max-drop. Both must be made with the same eps, attacks and classes (else exit 4)."""
+    than --max-drop. Both must be made with the same eps, attacks and classes (else exit 4).
+    Also prints how far the two agree on which classes are weak (Spearman's rank correlation)."""
     from robaudit.compare import compare as compare_reports
     from robaudit.compare import read_figures
     from robaudit.config import parse_fraction
     from robaudit.reports.json import read_json
-    from robaudit.reports.terminal import TerminalReporter
 
+    reporter = _reporter_for(json_path, verbose=0, quiet=quiet)
     comparison = compare_reports(
         read_figures(baseline), read_json(report), max_drop=parse_fraction(max_drop, "max_drop"),
         report_path=str(report), figure=gate_on, significance=significance,
     )
-    TerminalReporter(_verbosity(0, quiet)).render_compare(comparison.to_dict())
+    doc = comparison.to_dict()
+    if json_path:
+        import json
+
+        from robaudit.reports import atomic_write
+
+        atomic_write(json_path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+    reporter.render_compare(doc)
+    if json_path:
+        reporter.info(f"JSON comparison: {json_path}")
     return ExitCode.FLAGGED if comparison.flagged else ExitCode.OK
 
 
@@ -221,7 +280,10 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
 @click.option("--data", "train_data", required=True,
               help="Training data: a .npz/.pt file, an image folder, or a data set name.")
 @click.option("--val-data", help="Validation data, scanned every epoch and before/after "
-              "(the same forms).  [default: data in the config file]")
+              "(the same forms).  [default: a hold-out of --data, see --val-fraction]")
+@click.option("--val-fraction", type=float, help="Without --val-data: the fraction of each "
+              "class of --data held out (seeded) for validation, never trained on.  "
+              "[default: 0.1]")
 @click.option("--out", required=True, help="Where to write the hardened model (same format "
               "and suffix as MODEL).")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Fine-tuning epochs "
@@ -243,50 +305,20 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option("--calibrate", is_flag=True, help="Append a per-class logit bias tuned on the "
               "validation set to raise the worst class.")
+@click.option("--max-mean-drop", type=float, default=0.02, show_default=True,
+              help="Budget: keep only epochs whose validation class-mean robust accuracy stays "
+              "within this of the input model's.")
 @click.option("--max-clean-drop", type=float, default=0.01, show_default=True,
-              help="Largest clean-accuracy loss --calibrate may cost.")
+              help="Budget: the same for clean accuracy (and what --calibrate may cost).")
 @click.option("--json", "json_path", help="Write the JSON harden report here.")
-@click.option("--html", help="Write the HTML report of the hardened model's scan here.")
-@click.option("--data-root", help="Where named data sets live.")
-@click.option("--download/--no-download", default=None,
-              help="Download a named data set into --data-root if it is missing.")
-@click.option("--class-names", help="Text file with one class name per line.")
-@click.option("--image-size", type=int, help="Resize and centre-crop images to this size.")
-@click.option("--per-class", type=int, help="Seeded stratified sample of N examples per class "
-              "(training and validation).")
-@click.option("--limit", type=int, help="At most N examples in all (training and validation).")
-@click.option("--arch", help="Architecture for a state dict (see scan).")
-@click.option("--num-classes", type=int, help="Number of classes for --arch.")
-@click.option("--mean", help="Per-channel mean the model normalises with.")
-@click.option("--std", help="Per-channel std the model normalises with.")
-@click.option("--runtime-check/--no-runtime-check", default=None,
-              help="Check ONNX models against onnxruntime.  [default: on]")
-@click.option("--attacks", help="Attacks of the before/after scans.  [default: pgd,tpgd]")
-@click.option("--eps", help="L-inf radius in pixel units [0,1].  [default: 8/255]")
-@click.option("--steps", type=int, help="Attack iterations of the scans and validation.  "
-              "[default: 20]")
-@click.option("--step-size", help="Attack step size (the first one, with halving).  "
-              "[default: 2*eps with halving, 2.5*eps/steps with fixed]")
-@click.option("--restarts", type=int, help="Random restarts.  [default: 1]")
-@click.option("--seed", type=int, help="Seed for sampling, data order and random starts.  "
-              "[default: 0]")
-@click.option("--batch-size", type=int, help="Scan batch size.  [default: 256, more for "
-              "small inputs]")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
-@click.option("--min-class-robust", help="Gate: flag classes below this robust accuracy.")
-@click.option("--min-ratio", help="Gate: flag classes below this fraction of the class mean.")
-@click.option("--max-gap", help="Gate: flag classes further than this below the best class.")
-@click.option("--significance/--no-significance", default=None,
-              help="Gate: flag only when the whole 95% Wilson interval fails.")
-@click.option("--gate-on", help="The figure the gate judges.  [default: worst]")
-@click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="Config file of the scan settings.  [default: ./robaudit.toml]")
-@click.option("-v", "--verbose", count=True, help="More output (tracebacks on internal errors).")
-@click.option("-q", "--quiet", count=True, help="Only the verdict line, warnings and errors.")
-def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs: int,
-           objective: str, beta: float, reweight: str, class_eps: bool | None, lr: float,
-           train_batch_size: int, train_steps: int, checkpoint: str | None, resume: bool,
-           calibrate: bool, max_clean_drop: float, json_path: str | None, html: str | None,
+@click.option("--html", help="Write the HTML before/after report here (both scans, per-class "
+              "change).")
+@_settings("harden")
+def harden(model: Path, train_data: str, val_data: str | None, val_fraction: float | None,
+           out: str, epochs: int, objective: str, beta: float, reweight: str,
+           class_eps: bool | None, lr: float, train_batch_size: int, train_steps: int,
+           checkpoint: str | None, resume: bool, calibrate: bool, max_mean_drop: float,
+           max_clean_drop: float, json_path: str | None, html: str | None,
            config_file: Path | None, verbose: int, quiet: int, **options: Any) -> int:
     """Fine-tune MODEL so that its weakest classes catch up; exit 0 when the hardened model
     passes the scan's gate, 1 when classes are still flagged."""
@@ -298,22 +330,22 @@ def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs:
     from robaudit.harden import harden as run_harden
     from robaudit.reports.json import write_json
 
-    options["data"] = val_data
-    try:
-        scan_config = resolve_config({"model": str(model), **options}, config_file=config_file)
-    except ConfigError as e:
-        if "no data set given" in str(e):  # in harden, --data is the training set
-            raise ConfigError("no validation data given: pass --val-data (a held-out set, "
-                              "scanned before, during and after training)") from None
-        raise
+    if val_data is not None and val_fraction is not None:
+        raise ConfigError("--val-fraction holds out part of --data; it does not apply with "
+                          "--val-data")
+    if val_data is None:  # a hold-out of the training data; a config file's data is not used
+        val_fraction = 0.1 if val_fraction is None else val_fraction
+    # Without --val-data, the scan settings' data is the training set the hold-out comes from.
+    options["data"] = val_data or train_data
+    scan_config = resolve_config({"model": str(model), **options}, config_file=config_file)
     # The harden report replaces the scan's own report files.
     scan_config = dataclasses.replace(scan_config, json=None, junit=None, html=None)
     config = HardenConfig(
-        scan=scan_config, train_data=train_data, out=out, epochs=epochs, objective=objective,
-        beta=beta, reweight=reweight, class_eps=class_eps, lr=lr,
-        train_batch_size=train_batch_size, train_steps=train_steps, checkpoint=checkpoint,
-        resume=resume, calibrate=calibrate, max_clean_drop=max_clean_drop, json=json_path,
-        html=html,
+        scan=scan_config, train_data=train_data, out=out, val_fraction=val_fraction,
+        epochs=epochs, objective=objective, beta=beta, reweight=reweight, class_eps=class_eps,
+        lr=lr, train_batch_size=train_batch_size, train_steps=train_steps,
+        checkpoint=checkpoint, resume=resume, calibrate=calibrate, max_mean_drop=max_mean_drop,
+        max_clean_drop=max_clean_drop, json=json_path, html=html,
     )
     reporter = _reporter_for(out, json_path, html, verbose=verbose, quiet=quiet)
     with reporter.harden_progress() as progress:
@@ -322,12 +354,9 @@ def harden(model: Path, train_data: str, val_data: str | None, out: str, epochs:
     if json_path:
         write_json(json_path, doc)
     if html:
-        from robaudit.reports.html import write_html
+        from robaudit.reports.harden_html import write_harden_html
 
-        write_html(html, doc["after"])
-        # html.py renders scan reports: the input model's scan goes beside the hardened one's.
-        before_html = Path(html).with_name(Path(html).stem + ".before.html")
-        write_html(before_html, doc["before"])
+        write_harden_html(html, doc)
     reporter.render_harden(doc)
     for label, path in (("JSON", json_path), ("HTML", html)):
         if path:

@@ -15,10 +15,14 @@ from typing import Any
 from robaudit.config import format_eps
 from robaudit.errors import UsageError
 from robaudit.gate import Failure, GatePolicy, judge
-from robaudit.metrics import WORST, ClassStats, Rate
+from robaudit.metrics import WORST, ClassStats, Rate, ranks, spearman
+from robaudit.reports.schema import read_json
 
 # eps goes through JSON as a float: equal settings may differ in the last bits.
 _EPS_TOL = 1e-9
+#: The document ``robaudit compare --json`` writes (``Comparison.to_dict()``).
+COMPARE_SCHEMA = "robaudit.compare"
+COMPARE_SCHEMA_VERSION = 1
 #: Settings that change how strong the attacks are without changing what is measured.
 _STRENGTH = ("steps", "restarts", "temperatures", "mode", "schedule")
 
@@ -63,9 +67,6 @@ class Figures:
 
 def read_figures(path: str | Path) -> Figures:
     """A saved report's figures; UsageError when the file is not a robaudit report."""
-    # Imported here: reports.json imports the scan pipeline, which imports this module.
-    from robaudit.reports.json import read_json
-
     return Figures.from_doc(read_json(path), path)
 
 
@@ -148,6 +149,54 @@ class ClassDelta:
 
 
 @dataclass(frozen=True)
+class RankMove:
+    """One class's place in the ranking by robust accuracy: 1 is the least robust class."""
+
+    name: str
+    baseline: float
+    current: float
+
+    @property
+    def moved(self) -> float:
+        """Places towards the robust end (positive) or the vulnerable end (negative)."""
+        return self.current - self.baseline
+
+
+@dataclass(frozen=True)
+class RankAgreement:
+    """How far two models (or two runs) agree on which classes are the vulnerable ones."""
+
+    #: Spearman's rank correlation of the classes' robust accuracies; None when one side has
+    #: every class at the same figure (no ranking to compare).
+    spearman: float | None
+    #: Every class, in the order given.
+    classes: tuple[RankMove, ...]
+    #: The classes whose place moved most, largest move first (at most ``top``; none unmoved).
+    moved_most: tuple[RankMove, ...]
+
+
+def rank_agreement(baseline: Mapping[str, float], current: Mapping[str, float], *,
+                   top: int = 3) -> RankAgreement:
+    """Rank correlation between two per-class figures, over the classes both have.
+
+    Tian et al. (KDD 2021) found the ranking of classes by robustness consistent across attacks
+    and defences: a low correlation says this model's weak classes are not the baseline's.
+    Places are 1-based from the least robust class; ties share their average place.
+    """
+    names = [name for name in baseline if name in current]
+    before = [baseline[name] for name in names]
+    after = [current[name] for name in names]
+    moves = tuple(
+        RankMove(name, float(b) + 1, float(a) + 1)
+        for name, b, a in zip(names, ranks(before), ranks(after), strict=True)
+    )
+    # Largest move first; equal moves in the order given (class order).
+    order = sorted(range(len(moves)), key=lambda i: -abs(moves[i].moved))
+    moved_most = tuple(moves[i] for i in order if moves[i].moved != 0)[:top]
+    return RankAgreement(spearman(before, after), moves, moved_most)
+
+
+@dataclass(frozen=True)
 class Comparison:
     """Per-class deltas of one figure between a baseline and a report."""
 
@@ -164,13 +213,23 @@ class Comparison:
     def flagged(self) -> list[ClassDelta]:
         return [c for c in self.classes if not c.passed]
 
+    @property
+    def ranking(self) -> RankAgreement:
+        """Whether the two reports agree on which classes are the least robust."""
+        return rank_agreement({c.name: c.baseline for c in self.classes},
+                              {c.name: c.current for c in self.classes})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the terminal reporter (and anything else that renders it)."""
 
         def mean(values: list[float]) -> float | None:
             return sum(values) / len(values) if values else None
 
+        ranking = self.ranking
+        places = {m.name: m for m in ranking.classes}
         return {
+            "schema": COMPARE_SCHEMA,
+            "schema_version": COMPARE_SCHEMA_VERSION,
             "baseline": self.baseline_path,
             "report": self.report_path,
             "figure": self.figure,
@@ -182,6 +241,8 @@ class Comparison:
             "flagged": [c.name for c in self.flagged],
             "mean_baseline": mean([c.baseline for c in self.classes]),
             "mean_current": mean([c.current for c in self.classes]),
+            "rank_correlation": ranking.spearman,
+            "rank_moved_most": [_move(m) for m in ranking.moved_most],
             "classes": [
                 {
                     "name": c.name,
@@ -189,6 +250,8 @@ class Comparison:
                     "baseline": c.baseline,
                     "current": c.current,
                     "delta": c.delta,
+                    "rank_baseline": places[c.name].baseline,
+                    "rank_current": places[c.name].current,
                     "passed": c.passed,
                     "failures": [
                         {"policy": f.policy, "value": f.value, "threshold": f.threshold,
@@ -200,6 +263,11 @@ class Comparison:
             ],
             "warnings": list(self.warnings),
         }
+
+
+def _move(move: RankMove) -> dict[str, Any]:
+    return {"name": move.name, "baseline": move.baseline, "current": move.current,
+            "moved": move.moved}
 
 
 def _stats(doc: Mapping[str, Any], figure: str) -> list[ClassStats]:

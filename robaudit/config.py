@@ -11,13 +11,13 @@ import dataclasses
 import difflib
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robaudit.errors import ConfigError
+from robaudit.errors import ConfigError, MissingSetting
 from robaudit.gate import GatePolicy
 
 if TYPE_CHECKING:
@@ -131,23 +131,40 @@ class ScanConfig:
         out.pop("sources")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
+    def gate_policy(self) -> GatePolicy:
+        """The fairness policy this scan's gate applies (and its reports record)."""
+        return GatePolicy(min_class_robust=self.min_class_robust, min_ratio=self.min_ratio,
+                          max_gap=self.max_gap, max_drop=self.max_drop,
+                          significance=self.significance, on=self.gate_on)
 
-#: Keys a config file may set (the model and data come from the command line).
+
+#: Keys a config file may set (the model comes from the command line or the caller).
 FILE_KEYS = tuple(f.name for f in fields(ScanConfig) if f.name not in ("model", "sources"))
+#: Not a field: with several ``eps``, the one the gate judges (default: the largest).
+GATE_EPS = "gate_eps"
+#: Input paths: in a config file they are relative to the file.
+INPUT_PATHS = ("data", "data_root", "class_names", "baseline")
 
 
 def parse_fraction(text: str | float | int, what: str = "eps") -> float:
-    """``0.03``, ``8/255`` or a number; ConfigError for anything else."""
+    """``0.03``, ``8/255``, ``0.5/255`` (any fraction of two numbers) or a number; ConfigError
+    for anything else."""
     if isinstance(text, bool):
-        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}")
+        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}", key=what)
     if isinstance(text, (int, float)):
         return float(text)
     if not isinstance(text, str):  # a TOML table or date, say
-        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}")
+        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}", key=what)
     try:
-        return float(Fraction(text.strip()))
+        # Fraction alone reads "8/255" but not "0.5/255": each side is read on its own.
+        numerator, slash, denominator = text.partition("/")
+        if "/" in denominator:
+            raise ValueError(text)
+        value = Fraction(numerator.strip())
+        return float(value / Fraction(denominator.strip()) if slash else value)
     except (ValueError, ZeroDivisionError):
-        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}") from None
+        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}",
+                          key=what) from None
 
 
 def format_eps(eps: float) -> str:
@@ -201,84 +218,81 @@ def coerce_value(name: str, value: Any) -> Any:
             return str(value)
     except (ValueError, TypeError):
         expected = _KIND_WORDS.get(kind.removesuffix(" | None"), kind)
-        raise ConfigError(f"{name} has an invalid value {value!r} (expected {expected})") from None
+        raise ConfigError(f"{name} has an invalid value {value!r} (expected {expected})",
+                          key=name) from None
     raise AssertionError(f"no coercion for {name}: {kind}")  # a field added without one
 
 
 def validate(config: ScanConfig) -> None:
-    """ConfigError naming the first setting that is out of range."""
+    """ConfigError naming the first setting that is out of range (its ``key`` says which)."""
     from robaudit.attacks import AttackSettings, build_attack
 
-    def check(ok: bool, message: str) -> None:
+    def check(key: str, ok: bool, message: str) -> None:
         if not ok:
-            raise ConfigError(message)
+            raise ConfigError(message, key=key)
 
     # An L2 radius may exceed 1 (the whole image's perturbation); an L∞ one may not.
     top = 1.0 if config.norm == "linf" else float("inf")
     where = "in (0, 1]" if config.norm == "linf" else "positive"
-    check(0 < config.eps <= top, f"eps must be {where} in pixel units, got {config.eps:g}; "
-          "for 8-bit images write e.g. 8/255")
-    check(all(0 < e <= top for e in config.eps_sweep),
+    check("eps", 0 < config.eps <= top, f"eps must be {where} in pixel units, got "
+          f"{config.eps:g}; for 8-bit images write e.g. 8/255")
+    check("eps", all(0 < e <= top for e in config.eps_sweep),
           f"every eps must be {where}, got {', '.join(format_eps(e) for e in config.eps_sweep)}")
-    check(not config.eps_sweep or any(abs(e - config.eps) < 1e-12 for e in config.eps_sweep),
+    check("eps", not config.eps_sweep or any(abs(e - config.eps) < 1e-12
+                                             for e in config.eps_sweep),
           f"the gate's eps {format_eps(config.eps)} is not one of the eps swept")
-    check(config.mode in ("each", "worst-case"),
+    check("mode", config.mode in ("each", "worst-case"),
           f"mode must be 'each' or 'worst-case', got {config.mode!r}")
-    check(config.schedule in ("fixed", "halving"),
+    check("schedule", config.schedule in ("fixed", "halving"),
           f"schedule must be 'fixed' or 'halving', got {config.schedule!r}")
-    check(config.steps >= 1, f"steps must be at least 1, got {config.steps}")
-    check(config.restarts >= 1, f"restarts must be at least 1, got {config.restarts}")
-    check(config.norm in ("linf", "l2"), f"norm must be 'linf' or 'l2', got {config.norm!r}")
-    check(config.queries >= 1, f"queries must be at least 1, got {config.queries}")
-    check(config.escalation_queries >= 1,
+    check("steps", config.steps >= 1, f"steps must be at least 1, got {config.steps}")
+    check("restarts", config.restarts >= 1, f"restarts must be at least 1, got {config.restarts}")
+    check("norm", config.norm in ("linf", "l2"),
+          f"norm must be 'linf' or 'l2', got {config.norm!r}")
+    check("queries", config.queries >= 1, f"queries must be at least 1, got {config.queries}")
+    check("escalation_queries", config.escalation_queries >= 1,
           f"escalation_queries must be at least 1, got {config.escalation_queries}")
-    check(config.targets >= 1, f"targets must be at least 1, got {config.targets}")
-    check(config.batch_size is None or 1 <= config.batch_size <= MAX_BATCH_SIZE,
+    check("targets", config.targets >= 1, f"targets must be at least 1, got {config.targets}")
+    check("batch_size", config.batch_size is None or 1 <= config.batch_size <= MAX_BATCH_SIZE,
           f"batch_size must be between 1 and {MAX_BATCH_SIZE:,}, got {config.batch_size}")
     # Negative seeds are refused by numpy's generator, which samples the data.
-    check(0 <= config.seed < 2**32, f"seed must be between 0 and 2**32-1, got {config.seed}")
-    check(config.step_size is None or config.step_size > 0,
+    check("seed", 0 <= config.seed < 2**32,
+          f"seed must be between 0 and 2**32-1, got {config.seed}")
+    check("step_size", config.step_size is None or config.step_size > 0,
           f"step_size must be positive, got {config.step_size}")
-    check(bool(config.temperatures) and all(t > 0 for t in config.temperatures),
+    check("temperatures", bool(config.temperatures) and all(t > 0 for t in config.temperatures),
           f"temperatures must be positive numbers, got {list(config.temperatures)}")
-    check(config.per_class is None or config.per_class >= 1,
-          f"per_class must be at least 1, got {config.per_class}")
-    check(config.limit is None or config.limit >= 1,
-          f"limit must be at least 1, got {config.limit}")
-    check(config.image_size is None or config.image_size >= 1,
-          f"image_size must be at least 1, got {config.image_size}")
-    check(config.num_classes is None or config.num_classes >= 2,
-          f"num_classes must be at least 2, got {config.num_classes}")
-    for name in ("min_class_robust", "max_gap"):
+    for name in ("per_class", "limit", "image_size"):
         value = getattr(config, name)
-        check(value is None or 0 <= value <= 1, f"{name} must be between 0 and 1, got {value}")
-    check(config.max_drop is None or 0 <= config.max_drop <= 1,
-          f"max_drop must be between 0 and 1, got {config.max_drop}")
+        check(name, value is None or value >= 1, f"{name} must be at least 1, got {value}")
+    check("num_classes", config.num_classes is None or config.num_classes >= 2,
+          f"num_classes must be at least 2, got {config.num_classes}")
+    for name in ("min_class_robust", "max_gap", "max_drop"):
+        value = getattr(config, name)
+        check(name, value is None or 0 <= value <= 1,
+              f"{name} must be between 0 and 1, got {value}")
     # No default drop: how much noise to allow depends on the class sizes; the user says.
-    check(config.baseline is None or config.max_drop is not None,
+    check("max_drop", config.baseline is None or config.max_drop is not None,
           "a baseline report needs max_drop (--max-drop): the largest drop in a class's "
           "robust accuracy to allow, e.g. 0.03")
-    check(config.min_ratio is None or 0 < config.min_ratio <= 1,
+    check("min_ratio", config.min_ratio is None or 0 < config.min_ratio <= 1,
           f"min_ratio must be in (0, 1], got {config.min_ratio}")
-    check(bool(DEVICES.match(config.device)),
+    check("device", bool(DEVICES.match(config.device)),
           f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
-    check(bool(config.attacks), "attacks must name at least one attack")
-    check(len(set(config.attacks)) == len(config.attacks),
+    check("attacks", bool(config.attacks), "attacks must name at least one attack")
+    check("attacks", len(set(config.attacks)) == len(config.attacks),
           f"attacks lists an attack twice: {','.join(config.attacks)}")
     settings = AttackSettings(config.eps)
     for name in config.attacks:
-        build_attack(name, settings)  # raises with a suggestion for an unknown name
-    check(config.gate_on in ("worst", *config.attacks),
+        try:
+            build_attack(name, settings)  # raises with a suggestion for an unknown name
+        except ConfigError as e:
+            raise ConfigError(str(e), key="attacks") from None
+    check("gate_on", config.gate_on in ("worst", *config.attacks),
           f"gate_on must be 'worst' or one of the attacks run ({', '.join(config.attacks)}), "
           f"got {config.gate_on!r}")
-    if config.mean is not None or config.std is not None:
-        check(config.mean is not None and config.std is not None,
-              "mean and std go together: give both, one value per channel")
-        assert config.mean is not None and config.std is not None
-        check(len(config.mean) == len(config.std),
-              f"mean has {len(config.mean)} values but std has {len(config.std)}")
-        check(all(s > 0 for s in config.std), "std values must be positive")
-    check(config.arch is None or ":" in config.arch,
+    _check_normalisation(config, check)
+    check("arch", config.arch is None or ":" in config.arch,
           "arch must look like torchvision:resnet18 or package.module:factory, "
           f"got {config.arch!r}")
 
@@ -322,13 +336,15 @@ def describe_attacks(config: ScanConfig, names: Sequence[str]) -> list[dict[str,
     return described
 
 
-def gate_policy(config: ScanConfig) -> GatePolicy:
-    """The fairness gate the configuration asks for."""
-    return GatePolicy(
-        min_class_robust=config.min_class_robust, min_ratio=config.min_ratio,
-        max_gap=config.max_gap, max_drop=config.max_drop, significance=config.significance,
-        on=config.gate_on,
-    )
+def _check_normalisation(config: ScanConfig, check: Callable[[str, bool, str], None]) -> None:
+    if config.mean is None and config.std is None:
+        return
+    check("std" if config.std is None else "mean",
+          config.mean is not None and config.std is not None,
+          "mean and std go together: give both, one value per channel")
+    mean, std = config.mean or (), config.std or ()
+    check("std", len(mean) == len(std), f"mean has {len(mean)} values but std has {len(std)}")
+    check("std", all(s > 0 for s in std), "std values must be positive")
 
 
 def find_config_file(cwd: Path) -> Path | None:
@@ -354,89 +370,104 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """The settings in a config file, keys checked and values coerced to their types."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
     doc = _read_toml(path)
     if path.name == "pyproject.toml":
         doc = doc.get("tool", {}).get("robaudit", {})
-    settings = {}
-    for key, value in doc.items():
-        name = key.replace("-", "_")
-        if name in ("eps", "gate_eps"):  # may be a sweep: resolved with the command line
-            settings[name] = value
-            continue
-        if name not in FILE_KEYS:
-            close = difflib.get_close_matches(name, FILE_KEYS, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown key '{key}' in config file {path}.{hint}")
-        try:
-            settings[name] = coerce_value(name, value)
-        except ConfigError as e:
-            raise ConfigError(f"{e} in config file {path}") from None
+    _check_keys(doc, (*FILE_KEYS, GATE_EPS), f"in config file {path}")
+    try:
+        settings = coerce_settings(doc)
+    except ConfigError as e:
+        raise type(e)(f"{e} in config file {path}", key=e.key) from None
     # Input paths in a config file are relative to the file, as a user sharing one expects.
-    for name in ("data", "data_root", "class_names", "baseline"):
+    for name in INPUT_PATHS:
         value = settings.get(name)
         if value is not None and (path.parent / value).exists() and not Path(value).is_absolute():
             settings[name] = str(path.parent / value)
     return settings
 
 
+def _check_keys(values: Mapping[str, Any], allowed: Collection[str], where: str) -> None:
+    for key in values:
+        name = key.replace("-", "_")
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{key}' {where}.{hint}", key=name)
+
+
+def coerce_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings by field name (dashes or underscores), each coerced to its field's type.
+
+    Values may be typed (``eps=0.03``, ``attacks=("pgd",)``) or written as on the command line
+    (``"8/255"``, ``"pgd,tpgd"``); ``None`` means not given. ``eps`` may be several values, a
+    sweep: it becomes the gate's ``eps`` (``gate_eps``, else the largest) and ``eps_sweep``.
+    """
+    named = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
+    return {k: coerce_value(k, v) for k, v in _split_eps(named).items()}
+
+
 def _split_eps(values: dict[str, Any]) -> dict[str, Any]:
     """``eps = "2/255,8/255"`` (or a list) is a sweep; the gate judges ``gate_eps`` or the
     largest."""
     values = dict(values)
-    gate_eps = values.pop("gate_eps", None)
+    gate_eps = values.pop(GATE_EPS, None)
+    chosen = None if gate_eps is None else parse_fraction(gate_eps, GATE_EPS)
     if "eps" not in values:
-        if gate_eps is not None:
-            values["eps"] = parse_fraction(gate_eps, "gate_eps")
+        if chosen is not None:
+            values["eps"] = chosen
         return values
-    raw = values["eps"]
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        all_eps = [float(raw)]
-    elif isinstance(raw, tuple):  # already coerced (from a config file)
-        return values
-    else:
-        all_eps = [parse_fraction(v, "eps") for v in _split_list(raw)]
-        if not all_eps:
-            raise ConfigError("eps is empty; give a number like 0.03 or 8/255")
-    chosen = parse_fraction(gate_eps, "gate_eps") if gate_eps is not None else max(all_eps)
-    values["eps"] = chosen
+    all_eps = [parse_fraction(v, "eps") for v in _split_list(values["eps"])]
+    if not all_eps:
+        raise ConfigError("eps is empty; give a number like 0.03 or 8/255", key="eps")
+    values["eps"] = chosen = max(all_eps) if chosen is None else chosen
     if len(all_eps) > 1:
         values["eps_sweep"] = tuple(sorted(set(all_eps)))
         if not any(abs(e - chosen) < 1e-12 for e in all_eps):
             raise ConfigError(f"--gate-eps {format_eps(chosen)} is not one of the eps given "
-                              f"({', '.join(format_eps(e) for e in sorted(all_eps))})")
+                              f"({', '.join(format_eps(e) for e in sorted(all_eps))})",
+                              key=GATE_EPS)
     return values
 
 
 def resolve_config(
-    cli: Mapping[str, Any], *, config_file: Path | None = None, cwd: Path | None = None
+    given: Mapping[str, Any],
+    *,
+    config_file: str | Path | None = None,
+    cwd: Path | None = None,
+    find_file: bool = True,
+    source: str = "command line",
 ) -> ScanConfig:
-    """Defaults, then the config file, then command-line values (``None`` means not given)."""
-    path = config_file if config_file is not None else find_config_file(cwd or Path.cwd())
-    values: dict[str, Any] = {}
-    sources = ["defaults"]
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        values.update(read_config_file(path))
-        sources.append(str(path))
-        try:
-            values = _split_eps(values)
-        except ConfigError as e:  # eps is checked here, not in read_config_file: say where
-            raise ConfigError(f"{e} in config file {path}") from None
-    given = _split_eps({k: v for k, v in cli.items() if v is not None and k != "model"})
-    given = {k: v if k in ("eps", "eps_sweep") else coerce_value(k, v) for k, v in given.items()}
-    if cli.get("eps") is not None:  # the command line's eps (or sweep) replaces the file's
-        values.pop("eps_sweep", None)
-    if given:
-        sources.append("command line")
-    values.update(given)
-    values["model"] = str(cli["model"])
-    if "data" not in values:
-        raise ConfigError("no data set given: pass --data (a .npz file, a folder or a name)")
+    """The one way to build a :class:`ScanConfig` from what a user wrote: built-in defaults, then
+    a config file, then ``given`` (the command line's options or a caller's keywords).
+
+    ``given`` holds ``model`` and any :class:`ScanConfig` field or ``gate_eps``, typed or as on
+    the command line (see :func:`coerce_settings`); ``None`` means not given. The config file is
+    ``config_file`` (a path), else, with ``find_file``, the one in ``cwd`` (default: the working
+    directory). ``source`` names ``given`` in the report's ``sources``. Errors are
+    :class:`ConfigError` with the ``key`` they are about; :class:`MissingSetting` when the model
+    or the data is given nowhere.
+    """
+    path = Path(config_file) if config_file is not None else \
+        find_config_file(cwd or Path.cwd()) if find_file else None
+    from_file = read_config_file(path) if path is not None else {}
+    _check_keys(given, ("model", *FILE_KEYS, GATE_EPS), f"({source})")
+    named = {k.replace("-", "_"): v for k, v in given.items() if v is not None}
+    model = named.pop("model", None)
+    if model is None:
+        raise MissingSetting("no model given", key="model")
+    values = coerce_settings(named)
+    if "eps" in named:  # a new eps (or sweep) replaces the file's sweep; gate_eps alone does not
+        from_file.pop("eps_sweep", None)
+    merged = {**from_file, **values}
+    if "data" not in merged:
+        raise MissingSetting("no data set given: pass --data (a .npz file, a folder or a name)",
+                             key="data")
+    sources = ("defaults", *([str(path)] if path else []), *([source] if values else []))
     try:
-        return ScanConfig(**values, sources=tuple(sources))
+        return ScanConfig(**merged, model=str(model), sources=sources)
     except ConfigError as e:
-        key = str(e).split(" ", 1)[0]
-        if path is not None and key in values and key not in given:
-            raise ConfigError(f"{e} (set in config file {path})") from None
+        if path is not None and e.key in from_file and e.key not in values:
+            raise type(e)(f"{e} (set in config file {path})", key=e.key) from None
         raise

@@ -37,7 +37,20 @@ class UsageError(RobauditError):
 
 
 class ConfigError(UsageError):
-    """A bad option or configuration file entry."""
+    """A bad option or configuration file entry.
+
+    ``key`` names the setting it is about (a :class:`robaudit.config.ScanConfig` field, or
+    ``gate_eps``), or is None when no single setting is to blame: callers read it instead of the
+    message.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class MissingSetting(ConfigError):
+    """A setting the scan cannot do without (``key``) was given nowhere."""
 
 
 class ModelLoadError(UsageError):

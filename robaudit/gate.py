@@ -72,6 +72,24 @@ class Verdict:
 UNRELIABLE = "unreliable"
 
 
+def _mean_and_best(stats: Sequence[ClassStats], on: str) -> tuple[float, float]:
+    """The class mean and the best class of figure ``on``, over the classes with examples."""
+    accs = [s.robust[on].acc for s in stats if s.n > 0]
+    return (sum(accs) / len(accs) if accs else 0.0), max(accs, default=0.0)
+
+
+def thresholds(stats: Sequence[ClassStats], policy: GatePolicy) -> dict[str, float]:
+    """The robust accuracy each class had to reach, per policy that sets one line for all
+    classes: the floor, ``min_ratio`` x the class mean, the best class minus ``max_gap``. (The
+    drop against a baseline is a line per class; its verdicts carry it.) Reports store these
+    rather than work them out again."""
+    mean, best = _mean_and_best(stats, policy.on)
+    lines = {"min_class_robust": policy.min_class_robust,
+             "min_ratio": None if policy.min_ratio is None else policy.min_ratio * mean,
+             "max_gap": None if policy.max_gap is None else best - policy.max_gap}
+    return {name: value for name, value in lines.items() if value is not None}
+
+
 def judge(
     stats: Sequence[ClassStats],
     policy: GatePolicy,
@@ -84,10 +102,8 @@ def judge(
     ``unreliable`` maps class names to why their figure is masked: such a class fails whatever
     its figure, unless ``allow_unreliable``."""
     unreliable = unreliable or {}
-    present = [s for s in stats if s.n > 0]
-    accs = [s.robust[policy.on].acc for s in present]
-    mean = sum(accs) / len(accs) if accs else 0.0
-    best = max(accs, default=0.0)
+    """A verdict per class. ``baseline`` maps class names to their robust accuracy before."""
+    mean, best = _mean_and_best(stats, policy.on)
     verdicts = []
     for s in stats:
         rate = s.robust[policy.on]

@@ -47,13 +47,15 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman's rank correlation with average ranks for ties; None when a side is constant."""
-    ra, rb = _ranks(np.asarray(a, dtype=float)), _ranks(np.asarray(b, dtype=float))
+    ra, rb = ranks(a), ranks(b)
     if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
         return None
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
+def ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """0-based ranks in ascending order of ``values``; tied values share their average rank."""
+    values = np.asarray(values, dtype=float)
     order = values.argsort(kind="stable")
     ranks = np.empty(len(values), dtype=float)
     ranks[order] = np.arange(len(values), dtype=float)

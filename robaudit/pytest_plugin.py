@@ -66,10 +66,13 @@ class Auditor:
              config: str | Path | None = None, **options: Any) -> Audit:
         """Scan ``model`` on ``data``; ``options`` are :class:`robaudit.config.ScanConfig` fields.
 
-        Values may be given as on the command line (``eps="8/255"``, ``attacks="pgd,tpgd"``) or
-        typed (``eps=0.03``). ``config`` names a robaudit.toml or pyproject.toml to start from;
-        without it no config file is read, so a test does not depend on the working directory.
-        Relative paths that exist under pytest's rootdir are taken from there.
+        Values may be given as on the command line (``eps="8/255"``, a sweep ``eps="0.1,0.2"``
+        with ``gate_eps=``, ``attacks="pgd,tpgd"``) or typed (``eps=0.03``,
+        ``attacks=["pgd"]``); they are resolved as the command line's are
+        (:func:`robaudit.config.resolve_config`). ``config`` names a robaudit.toml or
+        pyproject.toml to start from (keywords override it); without it no config file is read,
+        so a test does not depend on the working directory. Relative paths that exist under
+        pytest's rootdir are taken from there.
         """
         __tracebackhide__ = True
         from robaudit.audit import scan as run_scan
@@ -90,27 +93,21 @@ class Auditor:
 
     def _config(self, model: str | Path, data: str | Path | None, config: str | Path | None,
                 options: dict[str, Any]) -> Any:
-        from robaudit.config import ScanConfig, coerce_value, read_config_file
-        from robaudit.errors import ConfigError
+        from robaudit.config import INPUT_PATHS, resolve_config
+        from robaudit.errors import MissingSetting
 
-        values: dict[str, Any] = {}
-        if config is not None:
-            values.update(read_config_file(self._path(config)))
-        fields = ScanConfig.__dataclass_fields__
-        for key, value in options.items():
-            name = key.replace("-", "_")
-            if name not in fields or name in ("model", "sources"):
-                raise ConfigError(f"robaudit.scan() got an unknown option {key!r}")
-            values[name] = coerce_value(name, value)
-        if data is not None:
-            values["data"] = str(data)
-        if "data" not in values:
-            raise ConfigError("robaudit.scan() needs data=: a .npz file, a folder or a name")
-        for name in ("data", "data_root", "class_names", "baseline"):
-            if values.get(name) is not None:
-                values[name] = str(self._path(values[name]))
-        sources = ("defaults", *([str(config)] if config else []), "pytest")
-        return ScanConfig(model=str(self._path(model)), **values, sources=sources)
+        given = {"model": self._path(model), "data": data, **options}
+        for key, value in given.items():
+            if key.replace("-", "_") in INPUT_PATHS and isinstance(value, (str, Path)):
+                given[key] = self._path(value)
+        try:
+            return resolve_config(given, config_file=None if config is None else self._path(config),
+                                  find_file=False, source="pytest")
+        except MissingSetting as e:
+            if e.key != "data":
+                raise
+            raise MissingSetting("robaudit.scan() needs data=: a .npz file, a folder or a name "
+                                 "(or a config= file that names one)", key="data") from None
 
     def _path(self, value: str | Path) -> str | Path:
         rooted = self._request.config.rootpath / value
@@ -185,10 +182,7 @@ class Audit:
         given = {"min_class_robust": min_class_robust, "min_ratio": min_ratio,
                  "max_gap": max_gap, "max_drop": max_drop}
         if all(v is None for v in given.values()):
-            policy = GatePolicy(min_class_robust=config.min_class_robust,
-                                min_ratio=config.min_ratio, max_gap=config.max_gap,
-                                max_drop=config.max_drop, significance=config.significance,
-                                on=config.gate_on)
+            policy = config.gate_policy()
         else:
             policy = GatePolicy(**given, significance=config.significance, on=config.gate_on)
         if significance is not None:

@@ -174,3 +174,24 @@ def test_no_module_but_the_cli_and_terminal_imports_click_or_rich():
         text = path.read_text()
         for lib in ("click", "rich"):
             assert f"import {lib}" not in text and f"from {lib}" not in text, rel
+
+
+def test_scan_settings_are_declared_once_and_shared_with_harden():
+    from robaudit.cli import harden, scan
+    from robaudit.config import FILE_KEYS, GATE_EPS
+
+    def options(command):
+        return {p.name: p for p in command.params if p.param_type_name == "option"}
+
+    scan_options, harden_options = options(scan), options(harden)
+    # Every scan option is a setting resolve_config knows (or --config, -v, -q).
+    assert set(scan_options) - {*FILE_KEYS, GATE_EPS} == {"config_file", "verbose", "quiet"}
+    shared = {"data_root", "per_class", "limit", "eps", "steps", "seed", "batch_size", "device",
+              "min_class_robust", "gate_on", "config_file", "verbose", "quiet"}
+    assert shared <= set(harden_options)
+    for name in shared:  # the same declaration: same flags, same help
+        assert harden_options[name].opts == scan_options[name].opts
+        assert harden_options[name].help == scan_options[name].help
+    # harden's --data is its training set, its --json and --html its own reports.
+    assert "--val-data" in harden_options["val_data"].opts
+    assert "--json" in harden_options["json_path"].opts and "json_images" not in harden_options

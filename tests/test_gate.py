@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from robaudit.gate import GatePolicy, judge
+from robaudit.gate import GatePolicy, judge, thresholds
 from robaudit.metrics import WORST, ClassStats, Rate
 
 
@@ -67,3 +67,17 @@ def test_no_policy_flags_nothing_and_empty_classes_pass():
     assert flagged(GatePolicy()) == {}
     assert not GatePolicy().active
     assert flagged(GatePolicy(min_class_robust=0.99), [cls(0, 0, 0)]) == {}
+
+
+def test_thresholds_are_the_lines_the_gate_judged_by():
+    policy = GatePolicy(min_class_robust=0.5, min_ratio=0.8, max_gap=0.25)
+    lines = thresholds(STATS, policy)
+    assert lines == pytest.approx({"min_class_robust": 0.5, "min_ratio": 0.48, "max_gap": 0.65})
+    # Every class below a line is the one the gate flags for that policy.
+    for name, line in lines.items():
+        below = {s.name for s in STATS if s.robust[WORST].acc < line - 1e-9}
+        assert below == {v for v, policies in flagged(policy).items() if name in policies}
+    assert thresholds(STATS, GatePolicy(max_drop=0.1)) == {}  # a line per class: none shared
+    # The mean and the best class are of the classes with examples, as in judge().
+    assert thresholds([*STATS, cls(3, 0, 0)], GatePolicy(min_ratio=0.5)) == \
+        pytest.approx({"min_ratio": 0.3})

@@ -20,7 +20,10 @@ from robaudit.errors import ConfigError, UsageError
 from robaudit.harden import HardenConfig
 from robaudit.harden.calibrate import _search
 from robaudit.harden.checkpoint import load_checkpoint
-from robaudit.harden.reweight import Feedback, make_scheme
+from robaudit.harden.holdout import hold_out
+from robaudit.harden.reweight import SCHEMES, Feedback, make_scheme
+from robaudit.harden.state import Budget, Candidate, RunState
+from robaudit.harden.train import Validation, load_split
 
 # Small and quick: 10 examples per class, 3 attack steps, PGD only.
 FAST = ["--per-class", "10", "--steps", "3", "--attacks", "pgd", "--train-steps", "2",
@@ -134,9 +137,17 @@ def test_hardened_onnx_scans_with_runtime_figures_matching_torch(tmp_path, capsy
     doc = json.loads(report.read_text())
     assert code == doc["verdict"]["exit_code"] and code in (0, 1)
     assert "before -> after" in printed and "kept epoch" in printed
-    assert doc["kept"]["criterion"].startswith("mean + worst-class")
+    assert "epochs within it: 0" in printed
+    assert doc["kept"]["criterion"].startswith("highest worst-class")
+    assert doc["kept"]["budget"]["max_mean_drop"] == 0.02
+    within = doc["kept"]["within_budget"]
+    assert 0 in within and doc["kept"]["epoch"] in within
     assert doc["model"]["runtime_max_abs_diff"] < 1e-4
-    assert (tmp_path / "harden.html").is_file() and (tmp_path / "harden.before.html").is_file()
+    # One before/after page: both scans, a before and an after bar per class.
+    page = (tmp_path / "harden.html").read_text()
+    assert not (tmp_path / "harden.before.html").exists()
+    assert page.count('<rect class="bar"') == 2 * 10 and "Per-class change" in page
+    assert "Which epoch was kept" in page and page.count("<h3>before: ") == 1
     weights = json.loads((tmp_path / "hardened.class-weights.json").read_text())
     assert weights["reweight"] == "frl" and len(weights["epochs"]) == 1
     assert len(weights["calibration_bias"]) == 10
@@ -212,6 +223,12 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
     a = torch.export.load(killed).module().state_dict()
     b = torch.export.load(straight).module().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
+    # cfa: from epoch 2 each class trains in its own ball, eps_k = (0.5 + t_k) * eps, with t_k
+    # the class's robust accuracy on its epoch-1 training examples.
+    history = torch.load(checkpoint, weights_only=True)["history"]
+    t = history[1]["train_robust"]
+    assert history[2]["settings"]["eps"] == pytest.approx([(0.5 + tk) * 0.2 for tk in t])
+    assert len(set(history[2]["settings"]["eps"])) > 1
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
@@ -220,12 +237,79 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
         load_checkpoint(cfg.checkpoint_path, {"reweight": "frl"})
 
 
-def test_harden_without_validation_data_names_the_option(capsys):
-    from conftest import DIGITS
-
-    from robaudit.cli import main
-
+def test_without_val_data_harden_validates_on_a_hold_out_it_never_trains_on(tmp_path, capsys):
+    out = tmp_path / "h.pt2"
     code = main(["harden", str(DIGITS / "model.pt2"), "--data", str(DIGITS / "train.npz"),
-                 "--out", "never-written.pt2", "--epochs", "1"])
-    assert code == 4
-    assert "pass --val-data" in capsys.readouterr().err
+                 "--out", str(out), *FAST, "--per-class", "20", "--epochs", "1",
+                 "--json", str(tmp_path / "h.json")])
+    assert code in (0, 1)
+    doc = json.loads((tmp_path / "h.json").read_text())
+    holdout = doc["validation"]["holdout"]
+    assert holdout == {"fraction": 0.1, "seed": 0, "file": str(tmp_path / "h.holdout.pt"),
+                       "held_out": 20, "trained_on": 180}
+    # The before/after scans ran on the hold-out file, two examples of each class.
+    assert doc["after"]["data"]["spec"] == holdout["file"] and doc["after"]["data"]["audited"] == 20
+    assert "20 examples held out of the training data" in capsys.readouterr().out
+    held = torch.load(holdout["file"], weights_only=True)
+    assert held["x"].dtype == torch.uint8 and held["y"].bincount().tolist() == [2] * 10
+
+
+def test_val_fraction_with_val_data_is_a_usage_error(tmp_path, capsys):
+    code = main(harden_args("model.pt2", tmp_path / "h.pt2", "--val-fraction", "0.2"))
+    assert code == 4 and "--val-fraction holds out part of --data" in capsys.readouterr().err
+
+
+def test_hold_out_is_stratified_seeded_and_disjoint_from_training():
+    scan = ScanConfig(model=str(DIGITS / "model.pt2"), data=str(DIGITS / "train.npz"))
+    data = load_split(str(DIGITS / "train.npz"), scan, split="train")
+    train, val = hold_out(data, 0.1, seed=0)
+    assert len(train.y) + len(val.y) == len(data.y) == 1257
+    # round(10% of each class): 12 or 13 of 122..128.
+    assert val.y.bincount().tolist() == [12, 13, 12, 13, 13, 13, 13, 12, 12, 13]
+    assert set(val.source_index.tolist()).isdisjoint(train.index.tolist())
+    assert torch.equal(data.x[val.source_index], val.x)  # the held-out images themselves
+    again, other = hold_out(data, 0.1, seed=0)[1], hold_out(data, 0.1, seed=1)[1]
+    assert torch.equal(again.source_index, val.source_index)
+    assert not torch.equal(other.source_index, val.source_index)
+
+
+# --- the budget ----------------------------------------------------------------------------
+
+
+def _validation(clean: float, mean: float, worst: float) -> Validation:
+    return Validation([clean] * 2, [worst, mean], clean, mean, worst, "0")
+
+
+def test_an_epoch_that_lifts_the_worst_class_but_breaks_the_budget_is_not_kept():
+    base = _validation(clean=0.98, mean=0.63, worst=0.07)
+    run = RunState(0, Budget.around(base, max_mean_drop=0.02, max_clean_drop=0.01),
+                   Candidate(0, {}, base))
+    # Epoch 5: a higher class mean alone does not displace the input model.
+    assert run.offer(Candidate(5, {}, _validation(0.98, 0.66, 0.07)))
+    assert run.best.epoch == 0
+    # Epoch 1: worst +19 points, but the class mean falls 4 points: out of budget.
+    assert not run.offer(Candidate(1, {}, _validation(0.98, 0.59, 0.26)))
+    assert run.best.epoch == 0
+    # Epoch 2: clean accuracy falls 2 points: out of budget too.
+    assert not run.offer(Candidate(2, {}, _validation(0.96, 0.63, 0.20)))
+    # Epoch 3: worst +10 points at 1.5 points of mean: within, kept.
+    assert run.offer(Candidate(3, {}, _validation(0.98, 0.615, 0.17)))
+    # Epoch 4: within, but lifts the worst class less than epoch 3: not kept.
+    assert run.offer(Candidate(4, {}, _validation(0.99, 0.64, 0.15)))
+    assert run.best.epoch == 3
+    assert run.budget.mean_floor == pytest.approx(0.61)
+
+
+def test_cfa_weight_averaging_starts_from_the_first_model_that_clears_the_threshold():
+    scheme = make_scheme(config(reweight="cfa", cfa_decay=0.5), 2)
+    scheme.update(Feedback([1.0, 1.0], [0.8, 0.3]))  # the input model: threshold 0.3 (its worst)
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    assert scheme.hand_back(model, 0.25) == {"fawa_joined": False, "fawa_threshold": 0.3}
+    notes = scheme.hand_back(model, 0.3)
+    assert notes["fawa_joined"] and float(notes["averaged"]["weight"]) == 2.0
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    assert float(scheme.hand_back(model, 0.4)["averaged"]["weight"]) == 3.0  # 0.5·2 + 0.5·4
+    assert SCHEMES["cfa"].class_eps is True and SCHEMES["none"].class_eps is False

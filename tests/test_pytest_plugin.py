@@ -92,3 +92,42 @@ def test_the_plugin_does_not_import_torch_at_start_up():
     code = "import sys, robaudit.pytest_plugin; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# The issue's two calls: a config file named by a string (or Path), and an eps sweep as on the
+# command line. Both go through the CLI's resolver, so the figures are the CLI's.
+CONFIG_TESTS = f"""
+from pathlib import Path
+
+ONNX = {str(DIGITS / "model.onnx")!r}
+DATA = {str(DIGITS / "test.npz")!r}
+TOML = {str(DIGITS / "robaudit.toml")!r}
+FAST = dict(per_class=3, steps=3, device="cpu")
+
+
+def test_a_config_file(robaudit):
+    audit = robaudit.scan(ONNX, data=DATA, config=TOML, **FAST)
+    config = audit.doc["config"]
+    # eps, attacks and the floor from the example's robaudit.toml; steps from the keyword.
+    assert (config["eps"], config["attacks"], config["min_class_robust"], config["steps"]) == \\
+        (0.2, ["pgd", "tpgd"], 0.4, 3)
+    assert config["sources"] == ["defaults", TOML, "pytest"]
+    assert audit.doc["verdict"]["gate"]["thresholds"] == {{"min_class_robust": 0.4}}
+    # As `robaudit scan model.onnx --config robaudit.toml --per-class 3 --steps 3` finds.
+    assert audit.flagged == ["8", "9"] and audit.doc["data"]["audited"] == 30
+    assert audit.doc["summary"]["robust_acc"]["worst"] == 22 / 30
+
+
+def test_a_config_path_and_a_sweep(robaudit):
+    audit = robaudit.scan(ONNX, data=DATA, config=Path(TOML), eps="0.1,0.2", classes="0,8",
+                          runtime_check=False, **FAST)
+    assert audit.doc["config"]["eps_sweep"] == [0.1, 0.2] and audit.doc["config"]["eps"] == 0.2
+    assert [(e["eps"], e["robust_acc"]["worst"]) for e in audit.doc["sweep"]] == \\
+        [(0.1, 1.0), (0.2, 0.5)]
+"""
+
+
+def test_config_files_and_sweeps_as_keywords(pytester, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    pytester.makepyfile(test_config_user=CONFIG_TESTS)
+    run(pytester).assert_outcomes(passed=2)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from rich.console import Console
 
 from robaudit.audit import scan
 from robaudit.config import ScanConfig
-from robaudit.reports import atomic_write
+from robaudit.reports import atomic_write, temporary_beside
 from robaudit.reports.json import SCHEMA_VERSION, dumps, read_json, to_dict, write_json
 from robaudit.reports.junit import render_junit
 from robaudit.reports.terminal import TerminalReporter
@@ -117,3 +119,28 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, object())  # type: ignore[arg-type]
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_reports_and_checkpoints_keep_the_users_umask(hostile_doc, tmp_path, umask, mode):
+    from robaudit.harden.checkpoint import save_checkpoint
+    from robaudit.reports.html import write_html
+    from robaudit.reports.junit import write_junit
+
+    (tmp_path / "old.json").write_text("old")
+    (tmp_path / "old.json").chmod(0o600)
+    previous = os.umask(umask)
+    try:
+        write_json(tmp_path / "r.json", hostile_doc)
+        write_json(tmp_path / "old.json", hostile_doc)  # replaced: the new file's mode
+        write_junit(tmp_path / "r.xml", hostile_doc)
+        write_html(tmp_path / "r.html", hostile_doc)
+        save_checkpoint(tmp_path / "sub" / "r.ckpt", {"epoch": 1})
+        tmp = temporary_beside(tmp_path / "model.onnx", ".onnx")
+    finally:
+        os.umask(previous)
+    files = ["r.json", "old.json", "r.xml", "r.html", "sub/r.ckpt", tmp.name]
+    assert {f: stat.S_IMODE((tmp_path / f).stat().st_mode) for f in files} == \
+        dict.fromkeys(files, mode)
+    assert tmp.name.startswith(".model.onnx.") and tmp.suffix == ".onnx"
+    assert read_json(tmp_path / "old.json") == json.loads(dumps(hostile_doc))

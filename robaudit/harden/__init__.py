@@ -2,8 +2,10 @@
 
 Adversarial fine-tuning (PGD-AT or TRADES) with per-class loss weights and optionally per-class
 ε from a weighting scheme (:mod:`robaudit.harden.reweight`: ``frl``, ``cfa``, ``inverse``,
-``none``), a validation scan every epoch that keeps the epoch with the highest mean plus
-worst-class robust accuracy, atomic checkpoints and ``--resume``
+``none``), a validation scan every epoch (on ``--val-data``, or a seeded stratified hold-out of
+the training data: :mod:`robaudit.harden.holdout`) that keeps the epoch with the highest
+worst-class robust accuracy among those within the user's budget of class-mean and clean accuracy
+(:mod:`robaudit.harden.state`), atomic checkpoints and ``--resume``
 (:mod:`robaudit.harden.checkpoint`), an optional per-class logit bias tuned at inference time
 (:mod:`robaudit.harden.calibrate`), and the model written back in its input format
 (:mod:`robaudit.harden.export`), scanned before and after.
@@ -12,6 +14,7 @@ worst-class robust accuracy, atomic checkpoints and ``--resume``
 from __future__ import annotations
 
 from robaudit.harden.config import HardenConfig
-from robaudit.harden.run import CRITERION, HardenProgress, HardenResult, harden, to_dict
+from robaudit.harden.run import HardenProgress, HardenResult, harden, to_dict
+from robaudit.harden.state import CRITERION
 
 __all__ = ["CRITERION", "HardenConfig", "HardenProgress", "HardenResult", "harden", "to_dict"]

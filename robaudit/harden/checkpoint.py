@@ -1,7 +1,7 @@
 """Checkpoints: written atomically after every epoch, read back with ``weights_only=True``.
 
 A checkpoint holds only tensors and plain data: the model's and the optimiser's state, the
-weighting scheme's state, the weight average (CFA), the best state so far and its score, the
+weighting scheme's state (with CFA's weight average), the budget, the best state so far, the
 history of epochs, the global torch RNG state and the settings that must match on resume.
 """
 
@@ -17,7 +17,7 @@ from robaudit.errors import UsageError
 from robaudit.reports import atomic_write
 
 FORMAT = "robaudit.harden.checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -39,6 +39,9 @@ def load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
                          "delete it and start again without --resume") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"--resume: {path} is not a robaudit harden checkpoint")
+    if state.get("version") != VERSION:
+        raise UsageError(f"--resume: checkpoint {path} was written by another version of "
+                         "robaudit harden; start again without --resume")
     differs = [k for k, v in identity.items() if state.get("identity", {}).get(k) != v]
     if differs:
         raise UsageError(

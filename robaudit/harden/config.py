@@ -8,9 +8,9 @@ from typing import Any
 
 from robaudit.config import ScanConfig
 from robaudit.errors import ConfigError
+from robaudit.harden.reweight import SCHEMES
 
 OBJECTIVES = ("pgd-at", "trades")
-REWEIGHTS = ("frl", "cfa", "inverse", "none")
 
 
 @dataclass(frozen=True)
@@ -18,8 +18,9 @@ class HardenConfig:
     """Everything ``harden`` needs.
 
     ``scan`` is the audit the model is judged by: its ``model`` is the model to harden, its
-    ``data`` the validation set, and its ε, attack strength, selection (``per_class``, ``limit``),
-    seed, device and gate are used for the before/after scans and the per-epoch validation.
+    ``data`` the validation set (unless ``val_fraction`` holds out part of the training data
+    instead), and its ε, attack strength, selection (``per_class``, ``limit``), seed, device and
+    gate are used for the before/after scans and the per-epoch validation.
     """
 
     scan: ScanConfig
@@ -27,6 +28,9 @@ class HardenConfig:
     train_data: str
     #: Where the hardened model goes; its format follows the input model's.
     out: str
+    #: When set, validation is this fraction of ``train_data`` (seeded, stratified), held out
+    #: and never trained on; ``scan.data`` is then not used.
+    val_fraction: float | None = None
     epochs: int = 10
     objective: str = "pgd-at"
     #: TRADES regularisation weight (``objective="trades"``).
@@ -46,13 +50,18 @@ class HardenConfig:
     #: CFA: base perturbation budget λ1 (None: 0.5 for PGD-AT, 0.3 for TRADES) and λ2 for β.
     cfa_lambda1: float | None = None
     cfa_lambda2: float = 0.5
-    #: CFA: weight-average decay and the worst-class robust accuracy a model needs to join it.
+    #: CFA: weight-average decay and the worst-class robust accuracy a model needs to join it
+    #: (None: the input model's, on the validation set).
     cfa_decay: float = 0.85
-    cfa_threshold: float = 0.2
+    cfa_threshold: float | None = None
     #: Checkpoint file (default: ``<out>.ckpt``); ``resume`` continues from it.
     checkpoint: str | None = None
     resume: bool = False
     calibrate: bool = False
+    #: The budget: an epoch can be kept only if its validation class-mean robust accuracy and
+    #: clean accuracy stay within these of the input model's (``max_clean_drop`` also caps
+    #: what calibration may cost).
+    max_mean_drop: float = 0.02
     max_clean_drop: float = 0.01
     json: str | None = None
     html: str | None = None
@@ -72,7 +81,8 @@ class HardenConfig:
 
     @property
     def uses_class_eps(self) -> bool:
-        return self.reweight == "cfa" if self.class_eps is None else self.class_eps
+        always = SCHEMES[self.reweight].class_eps
+        return bool(self.class_eps) if always is None else always
 
     @property
     def lambda1(self) -> float:
@@ -95,8 +105,8 @@ def validate(config: HardenConfig) -> None:
 
     check(config.objective in OBJECTIVES,
           f"objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
-    check(config.reweight in REWEIGHTS,
-          f"reweight must be one of {', '.join(REWEIGHTS)}, got {config.reweight!r}")
+    check(config.reweight in SCHEMES,
+          f"reweight must be one of {', '.join(SCHEMES)}, got {config.reweight!r}")
     check(config.epochs >= 0, f"epochs must be 0 or more, got {config.epochs}")
     check(config.epochs > 0 or config.calibrate,
           "--epochs 0 does nothing without --calibrate; give epochs or --calibrate")
@@ -105,18 +115,24 @@ def validate(config: HardenConfig) -> None:
     check(config.train_batch_size >= 1,
           f"train batch size must be at least 1, got {config.train_batch_size}")
     check(config.train_steps >= 1, f"train steps must be at least 1, got {config.train_steps}")
-    check(not (config.class_eps and config.reweight in ("inverse", "none")),
+    class_eps = SCHEMES[config.reweight].class_eps
+    check(not (config.class_eps and class_eps is False),
           f"--class-eps applies to frl (Remargin) and cfa, not to {config.reweight}")
-    check(config.class_eps is not False or config.reweight != "cfa",
-          "cfa always calibrates each class's eps; drop --no-class-eps or choose another scheme")
+    check(config.class_eps is not False or class_eps is not True,
+          f"{config.reweight} always calibrates each class's eps; drop --no-class-eps or choose "
+          "another scheme")
     check(0 < config.frl_limit < 1, f"frl limit must be in (0, 1), got {config.frl_limit}")
     check(config.frl_rate > 0 and config.frl_tau >= 0,
           "frl rate must be positive and frl tau non-negative")
     check(0 <= config.cfa_decay < 1, f"cfa decay must be in [0, 1), got {config.cfa_decay}")
-    check(0 <= config.cfa_threshold <= 1,
+    check(config.cfa_threshold is None or 0 <= config.cfa_threshold <= 1,
           f"cfa threshold must be in [0, 1], got {config.cfa_threshold}")
     check(0 <= config.max_clean_drop <= 1,
           f"max clean drop must be in [0, 1], got {config.max_clean_drop}")
+    check(0 <= config.max_mean_drop <= 1,
+          f"max mean drop must be in [0, 1], got {config.max_mean_drop}")
+    check(config.val_fraction is None or 0 < config.val_fraction < 1,
+          f"val fraction must be in (0, 1), got {config.val_fraction}")
     check(Path(config.out).resolve() != Path(config.scan.model).resolve(),
           "--out names the input model; write the hardened model to another file")
     check(Path(config.out).suffix.lower() == Path(config.scan.model).suffix.lower(),

@@ -3,7 +3,8 @@
 Every scheme turns the figures of the last epoch into :class:`ClassSettings`: a loss weight for
 each class's clean ("natural") term and for its adversarial ("boundary") term, an ε and a TRADES β
 per class. Weights are scaled so that a uniform weighting is 1 for every class; the training loss
-divides by the batch's total weight, so only their ratios matter.
+divides by the batch's total weight, so only their ratios matter. A scheme is a small class in
+:data:`SCHEMES`, looked up by the name ``--reweight`` gives:
 
 - ``none``: uniform weights, the scan's ε, the configured β (plain adversarial fine-tuning).
 - ``inverse``: both weights of class k proportional to its validation robust error ``1 - r_k``
@@ -19,18 +20,25 @@ divides by the batch's total weight, so only their ratios matter.
 - ``cfa``: Class-wise Calibrated Fair Adversarial training, Wei et al., CVPR 2023. With ``t_k``
   the class's robust accuracy on its own training examples in the previous epoch:
   ``ε_k = (λ1 + t_k) · ε`` (CCM) and ``β_k = (λ2 + t_k) · β`` (CCR, TRADES only; the loss is
-  ``(CE + β_k KL) / (1 + β_k)``); the first epoch uses ε and β. Its weight averaging (FAWA) lives
-  in the training loop: see :mod:`robaudit.harden.train`.
+  ``(CE + β_k KL) / (1 + β_k)``); the first epoch uses ε and β. FAWA: after an epoch whose
+  worst-class validation robust accuracy reaches the threshold (by default the input model's
+  own), the weights join an exponential average that starts from that first joining model; the
+  average, once started, is what the epoch hands back (:meth:`Scheme.hand_back`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from robaudit.harden.config import HardenConfig
+import torch
+from torch import nn
+
+# A scheme reads its hyperparameters from the HardenConfig, typed loosely here: config.py
+# validates --reweight against SCHEMES, so this module must not import it.
+HardenConfig = Any
 
 
 @dataclass
@@ -58,50 +66,75 @@ class Feedback:
     train_robust: list[float] | None = None
 
 
-@dataclass
 class Scheme:
-    """A weighting scheme's state; ``update`` moves it, ``settings`` reads it."""
+    """A weighting scheme's state: ``update`` moves it, ``settings`` reads it. Plain
+    adversarial fine-tuning (``none``): uniform weights, one ε."""
 
-    name: str
-    num_classes: int
-    eps: float
-    beta: float
-    config: HardenConfig
-    #: FRL multipliers and per-class ε factors; CFA's last training robust accuracy.
-    state: dict[str, list[float]] = field(default_factory=dict)
+    name: ClassVar[str] = "none"
+    #: Per-class ε: True always, False never, None only with ``--class-eps``.
+    class_eps: ClassVar[bool | None] = False
+
+    def __init__(self, num_classes: int, config: HardenConfig) -> None:
+        self.num_classes = num_classes
+        self.config = config
+        self.eps = config.scan.eps
+        self.beta = config.beta
+        #: Per-class lists the scheme moves (FRL multipliers, CFA's t_k, ...).
+        self.state: dict[str, list[float]] = {}
 
     def settings(self) -> ClassSettings:
         k = self.num_classes
-        ones = [1.0] * k
-        eps = [self.eps] * k
-        beta = [self.beta] * k
-        if self.name == "inverse" and "weight" in self.state:
-            return ClassSettings(self.state["weight"], self.state["weight"], eps, beta)
-        if self.name == "frl" and "phi_nat" in self.state:
-            nat = _lagrangian_weights(self.state["phi_nat"])
-            bndy = _lagrangian_weights(self.state["phi_bndy"])
-            if self.config.uses_class_eps:
-                eps = [self.eps * f for f in self.state["eps_factor"]]
-            return ClassSettings(nat, bndy, eps, beta)
-        if self.name == "cfa" and "train_robust" in self.state:
-            t = self.state["train_robust"]
-            eps = [(self.config.lambda1 + tk) * self.eps for tk in t]
-            if self.config.objective == "trades":
-                beta = [(self.config.cfa_lambda2 + tk) * self.beta for tk in t]
-            return ClassSettings(ones, ones, eps, beta)
-        return ClassSettings(ones, list(ones), eps, beta)
+        return ClassSettings([1.0] * k, [1.0] * k, [self.eps] * k, [self.beta] * k)
 
     def update(self, feedback: Feedback) -> None:
         """Take in the last epoch's figures (before the first epoch: the model as loaded)."""
-        if self.name == "inverse":
-            errors = [1.0 - r for r in feedback.val_robust]
-            self.state["weight"] = _normalise([max(e, 0.01) for e in errors])
-        elif self.name == "frl":
-            self._update_frl(feedback)
-        elif self.name == "cfa" and feedback.train_robust is not None:
-            self.state["train_robust"] = list(feedback.train_robust)
 
-    def _update_frl(self, feedback: Feedback) -> None:
+    def hand_back(self, module: nn.Module, worst_robust: float) -> dict[str, Any]:
+        """After an epoch's validation (``worst_robust``: its worst-class robust accuracy):
+        what the scheme notes for the epoch's record. ``averaged`` in the notes (a state dict)
+        means the scheme hands back those weights instead of the module's own."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: list(values) for name, values in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = {name: [float(v) for v in values] for name, values in state.items()}
+
+
+class Inverse(Scheme):
+    """Both weights proportional to the class's validation robust error."""
+
+    name = "inverse"
+
+    def settings(self) -> ClassSettings:
+        base = super().settings()
+        if "weight" in self.state:
+            base.nat_weight, base.bndy_weight = self.state["weight"], list(self.state["weight"])
+        return base
+
+    def update(self, feedback: Feedback) -> None:
+        errors = [1.0 - r for r in feedback.val_robust]
+        self.state["weight"] = _normalise([max(e, 0.01) for e in errors])
+
+
+class FRL(Scheme):
+    """Fair Robust Learning: Reweight, and Remargin with ``--class-eps``."""
+
+    name = "frl"
+    class_eps = None
+
+    def settings(self) -> ClassSettings:
+        base = super().settings()
+        if "phi_nat" not in self.state:
+            return base
+        base.nat_weight = _lagrangian_weights(self.state["phi_nat"])
+        base.bndy_weight = _lagrangian_weights(self.state["phi_bndy"])
+        if self.config.class_eps:
+            base.eps = [self.eps * f for f in self.state["eps_factor"]]
+        return base
+
+    def update(self, feedback: Feedback) -> None:
         k, c = self.num_classes, self.config
         nat = [1.0 - a for a in feedback.val_clean]
         bndy = [a - r for a, r in zip(feedback.val_clean, feedback.val_robust, strict=True)]
@@ -119,16 +152,74 @@ class Scheme:
             for f, g in zip(factor, gap_bndy, strict=True)
         ]
 
+
+class CFA(Scheme):
+    """Class-wise calibrated margins (and TRADES β) plus fairness-aware weight averaging."""
+
+    name = "cfa"
+    class_eps = True
+
+    def __init__(self, num_classes: int, config: HardenConfig) -> None:
+        super().__init__(num_classes, config)
+        #: FAWA's running average; empty until an epoch joins.
+        self.average: dict[str, torch.Tensor] = {}
+
+    def settings(self) -> ClassSettings:
+        base = super().settings()
+        if "train_robust" in self.state:
+            t, c = self.state["train_robust"], self.config
+            base.eps = [(c.lambda1 + tk) * self.eps for tk in t]
+            if c.objective == "trades":
+                base.beta = [(c.cfa_lambda2 + tk) * self.beta for tk in t]
+        return base
+
+    def update(self, feedback: Feedback) -> None:
+        if feedback.train_robust is not None:
+            self.state["train_robust"] = list(feedback.train_robust)
+        elif "threshold" not in self.state:  # the model as loaded sets the default threshold
+            given = self.config.cfa_threshold
+            self.state["threshold"] = [min(feedback.val_robust) if given is None else given]
+
+    def hand_back(self, module: nn.Module, worst_robust: float) -> dict[str, Any]:
+        joined = worst_robust >= self.state["threshold"][0]
+        if joined:
+            with torch.no_grad():
+                if not self.average:
+                    self.average = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                else:
+                    average_into(self.average, module, self.config.cfa_decay)
+        notes: dict[str, Any] = {"fawa_joined": joined,
+                                 "fawa_threshold": self.state["threshold"][0]}
+        if self.average:
+            notes["averaged"] = self.average
+        return notes
+
     def state_dict(self) -> dict[str, Any]:
-        return {name: list(values) for name, values in self.state.items()}
+        return {**super().state_dict(), "average": self.average}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = {name: [float(v) for v in values] for name, values in state.items()}
+        state = dict(state)
+        self.average = state.pop("average", {})
+        super().load_state_dict(state)
+
+
+#: The weighting schemes by the name ``--reweight`` takes.
+SCHEMES: dict[str, type[Scheme]] = {s.name: s for s in (FRL, CFA, Inverse, Scheme)}
 
 
 def make_scheme(config: HardenConfig, num_classes: int) -> Scheme:
     """The scheme ``config.reweight`` names, in its initial state."""
-    return Scheme(config.reweight, num_classes, config.scan.eps, config.beta, config)
+    return SCHEMES[config.reweight](num_classes, config)
+
+
+def average_into(average: dict[str, torch.Tensor], module: nn.Module, decay: float) -> None:
+    """``θ̄ ← decay·θ̄ + (1 − decay)·θ`` for floating-point entries (CFA's weight averaging)."""
+    with torch.no_grad():
+        for name, value in module.state_dict().items():
+            if value.is_floating_point():
+                average[name].mul_(decay).add_(value, alpha=1 - decay)
+            else:
+                average[name].copy_(value)
 
 
 def _project(phi: Sequence[float], limit: float) -> list[float]:

@@ -1,5 +1,5 @@
-"""The harden pipeline: scan, fine-tune with class weights, keep the best epoch, calibrate,
-write the model back, scan again."""
+"""The harden pipeline: scan, fine-tune with class weights, keep the best epoch within the
+budget, calibrate, write the model back, scan again."""
 
 from __future__ import annotations
 
@@ -17,22 +17,25 @@ from torch import nn
 
 from robaudit.attacks.engine import DEFAULT_BATCH
 from robaudit.audit import ScanResult, resolve_device, scan
+from robaudit.config import ScanConfig
 from robaudit.errors import DataError, ModelOutputError
 from robaudit.harden.calibrate import Calibration, calibrate
 from robaudit.harden.checkpoint import load_checkpoint, save_checkpoint
 from robaudit.harden.config import HardenConfig
 from robaudit.harden.export import check_exportable, write_model
-from robaudit.harden.reweight import Feedback, make_scheme
-from robaudit.harden.train import Split, Validation, average_into, load_split, train_epoch, validate
+from robaudit.harden.holdout import hold_out, holdout_path, write_holdout
+from robaudit.harden.reweight import Feedback, Scheme, make_scheme
+from robaudit.harden.state import CRITERION, Budget, Candidate, RunState
+from robaudit.harden.train import Split, Validation, load_split, train_epoch, validate
 from robaudit.models import load_model
 from robaudit.reports import atomic_write
 from robaudit.reports.json import exit_code
 from robaudit.reports.json import to_dict as scan_to_dict
 
 SCHEMA = "robaudit.harden"
-SCHEMA_VERSION = 1
-#: The rule by which the kept checkpoint is chosen, as reports state it.
-CRITERION = "mean + worst-class PGD robust accuracy on the validation set"
+SCHEMA_VERSION = 2
+
+Report = Callable[["HardenProgress"], None]
 
 
 @dataclass(frozen=True)
@@ -50,21 +53,36 @@ class HardenProgress:
 
 
 @dataclass
+class Prepared:
+    """The data of a run: what it trains on, what it validates on, and the scan settings of the
+    before/after scans (on the hold-out file when harden holds out its own validation set)."""
+
+    train: Split
+    val: Split
+    scan: ScanConfig
+    holdout: dict[str, Any] | None = None
+
+
+@dataclass
 class HardenResult:
     """What ``harden`` did: the scans before and after, every epoch, and what was kept."""
 
     config: HardenConfig
     before: ScanResult
     after: ScanResult
-    history: list[dict[str, Any]]
-    kept_epoch: int
-    kept_validation: dict[str, Any]
+    run: RunState
     calibration: Calibration | None
     runtime_max_abs_diff: float | None
     timings: dict[str, float]
+    holdout: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
     resumed_from: int | None = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
         timespec="seconds"))
+
+    @property
+    def kept_epoch(self) -> int:
+        return self.run.best.epoch
 
     @property
     def exit_code(self) -> int:
@@ -72,8 +90,7 @@ class HardenResult:
         return int(exit_code(self.after))
 
 
-def harden(config: HardenConfig, *,
-           progress: Callable[[HardenProgress], None] | None = None) -> HardenResult:
+def harden(config: HardenConfig, *, progress: Report | None = None) -> HardenResult:
     """Fine-tune ``config.scan.model`` so that its weakest classes catch up; see the README."""
     started = time.perf_counter()
     report = progress or (lambda _p: None)
@@ -85,81 +102,91 @@ def harden(config: HardenConfig, *,
     loaded = load_model(sc.model, arch=sc.arch, num_classes=sc.num_classes, mean=sc.mean,
                         std=sc.std, device=device)
     check_exportable(loaded, config.calibrate)
-    train = _to(load_split(config.train_data, sc, split="train"), device)
-    val = _to(load_split(sc.data, sc, split=sc.split), device)
-    _check_fit(loaded.module, train, val)
+    data = _prepare(config, device)
+    _check_fit(loaded.module, data.train, data.val)
 
     report(HardenProgress("scanning the model as given"))
-    before = scan(sc)
+    before = scan(data.scan)
     scanned = time.perf_counter()
 
     module = loaded.module
     for p in module.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
-    scheme = make_scheme(config, len(val.class_names))
-    identity = _identity(config)
-    path = config.checkpoint_path
-    resumed_from: int | None = None
+    scheme = make_scheme(config, len(data.val.class_names))
+    run, resumed_from = _start(config, module, optimizer, scheme, data.val, report)
+    for epoch in range(run.epoch + 1, config.epochs + 1):
+        _run_epoch(config, epoch, module, optimizer, scheme, run, data.train, data.val, report)
+        _save(config, module, optimizer, scheme, run)
+    trained = time.perf_counter()
+
+    module.load_state_dict(run.best.state)
+    calibration = None
+    if config.calibrate:
+        report(HardenProgress("calibrating", config.epochs, config.epochs))
+        calibration = calibrate(module, data.val, sc, config.max_clean_drop)
+    report(HardenProgress("writing the hardened model"))
+    out = Path(config.out)
+    diff = write_model(loaded, out, data.val.x[: sc.batch_size or DEFAULT_BATCH],
+                       None if calibration is None else calibration.bias)
+    _write_weights(config, run, calibration, data.val.class_names)
+
+    report(HardenProgress("scanning the hardened model"))
+    after = scan(replace(data.scan, model=str(out)))
+    timings = {"before_scan_s": scanned - started, "fit_s": trained - scanned,
+               **_epoch_seconds(run), "after_s": time.perf_counter() - trained,
+               "total_s": time.perf_counter() - started}
+    return HardenResult(config=config, before=before, after=after, run=run,
+                        calibration=calibration, runtime_max_abs_diff=diff, timings=timings,
+                        holdout=data.holdout, warnings=_warnings(config, run),
+                        resumed_from=resumed_from)
+
+
+def _prepare(config: HardenConfig, device: torch.device) -> Prepared:
+    sc = config.scan
+    train = load_split(config.train_data, sc, split="train")
+    if config.val_fraction is None:
+        val = load_split(sc.data, sc, split=sc.split)
+        return Prepared(_to(train, device), _to(val, device), sc)
+    train, val = hold_out(train, config.val_fraction, sc.seed)
+    if len(val.y) == 0:
+        raise DataError(f"{config.train_data} has too few examples per class to hold any out "
+                        "for validation; pass --val-data")
+    path = holdout_path(config.out)
+    write_holdout(path, val)
+    # The hold-out file holds exactly the selected, resized examples: the scans take them all.
+    scan_config = replace(sc, data=str(path), per_class=None, limit=None, image_size=None,
+                          class_names=None)
+    info = {"fraction": config.val_fraction, "seed": sc.seed, "file": str(path),
+            "held_out": len(val.y), "trained_on": len(train.y)}
+    return Prepared(_to(train, device), _to(val, device), scan_config, info)
+
+
+def _start(config: HardenConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
+           scheme: Scheme, val: Split, report: Report) -> tuple[RunState, int | None]:
+    """The run state: read back from the checkpoint with ``--resume``, else epoch 0 (the input
+    model, validated; it sets the budget)."""
     if config.resume:
-        state = load_checkpoint(path, identity)
+        state = load_checkpoint(config.checkpoint_path, _identity(config))
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheme.load_state_dict(state["scheme"])
         torch.set_rng_state(state["rng"])
-        average, best, history = state["average"], state["best"], state["history"]
-        start = resumed_from = int(state["epoch"])
-    else:
-        report(HardenProgress("validating the model as given", 0, config.epochs))
-        base = validate(module, val, sc)
-        scheme.update(Feedback(base.clean, base.robust))
-        average = _clone(module.state_dict()) if config.reweight == "cfa" else {}
-        best = {"epoch": 0, "score": base.score, "state": _clone(module.state_dict()),
-                "validation": base.to_dict()}
-        history = [{"epoch": 0, "validation": base.to_dict()}]
-        start = 0
-        _save(path, identity, 0, module, optimizer, scheme, average, best, history)
-
-    for epoch in range(start + 1, config.epochs + 1):
-        record = _run_epoch(config, epoch, module, optimizer, scheme, average, train, val, report)
-        candidate = record.pop("_candidate")
-        if record["kept_score"] > best["score"]:
-            best = {"epoch": epoch, "score": record["kept_score"], "state": candidate,
-                    "validation": record["kept_validation"]}
-        history.append(record)
-        _save(path, identity, epoch, module, optimizer, scheme, average, best, history)
-        report(HardenProgress("trained", epoch, config.epochs, loss=record["loss"],
-                              worst_class=record["validation"]["worst_class"],
-                              worst_robust=record["validation"]["worst_robust"]))
-    trained = time.perf_counter()
-
-    module.load_state_dict(best["state"])
-    calibration = None
-    if config.calibrate:
-        report(HardenProgress("calibrating", config.epochs, config.epochs))
-        calibration = calibrate(module, val, sc, config.max_clean_drop)
-    report(HardenProgress("writing the hardened model"))
-    out = Path(config.out)
-    diff = write_model(loaded, out, val.x[: sc.batch_size or DEFAULT_BATCH],
-                       None if calibration is None else calibration.bias)
-    _write_weights(config, history, best["epoch"], calibration, val.class_names)
-
-    report(HardenProgress("scanning the hardened model"))
-    after = scan(replace(sc, model=str(out)))
-    return HardenResult(
-        config=config, before=before, after=after, history=history, kept_epoch=best["epoch"],
-        kept_validation=best["validation"], calibration=calibration,
-        runtime_max_abs_diff=diff, resumed_from=resumed_from,
-        timings={"before_scan_s": scanned - started, "train_s": trained - scanned,
-                 "after_s": time.perf_counter() - trained,
-                 "total_s": time.perf_counter() - started},
-    )
+        run = RunState.from_checkpoint(state)
+        return run, run.epoch
+    report(HardenProgress("validating the model as given", 0, config.epochs))
+    base = validate(module, val, config.scan)
+    scheme.update(Feedback(base.clean, base.robust))
+    budget = Budget.around(base, config.max_mean_drop, config.max_clean_drop)
+    run = RunState(0, budget, Candidate(0, _clone(module.state_dict()), base),
+                   [{"epoch": 0, "validation": base.to_dict(), "within_budget": True}])
+    _save(config, module, optimizer, scheme, run)
+    return run, None
 
 
 def _run_epoch(config: HardenConfig, epoch: int, module: nn.Module,
-               optimizer: torch.optim.Optimizer, scheme: Any, average: dict[str, torch.Tensor],
-               train: Split, val: Split,
-               report: Callable[[HardenProgress], None]) -> dict[str, Any]:
+               optimizer: torch.optim.Optimizer, scheme: Scheme, run: RunState, train: Split,
+               val: Split, report: Report) -> None:
     sc = config.scan
     settings = scheme.settings()
     # Cosine decay to a tenth, a function of the epoch alone, so resuming needs no scheduler.
@@ -170,43 +197,84 @@ def _run_epoch(config: HardenConfig, epoch: int, module: nn.Module,
     def on_batch(batch: int, batches: int, loss: float) -> None:
         report(HardenProgress("training", epoch, config.epochs, batch, batches, loss))
 
+    began = time.perf_counter()
     stats = train_epoch(module, optimizer, train, settings, objective=config.objective,
                         steps=config.train_steps, batch_size=config.train_batch_size,
                         seed=sc.seed, epoch=epoch, on_batch=on_batch)
+    fitted = time.perf_counter()
     report(HardenProgress("validating", epoch, config.epochs, loss=stats.loss))
     current = validate(module, val, sc)
-    record: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": stats.loss,
-                              "settings": settings.to_dict(), "train_robust": stats.train_robust,
-                              "validation": current.to_dict()}
-    kept: Validation = current
-    candidate = _clone(module.state_dict())
-    if config.reweight == "cfa":
-        # FAWA: only a model whose worst class clears the threshold joins the average, and the
-        # average is what CFA hands back, so it is the candidate for keeping.
-        joined = current.worst_robust >= config.cfa_threshold
-        if joined:
-            average_into(average, module, config.cfa_decay)
-        own = candidate
-        module.load_state_dict(average)
-        kept = validate(module, val, sc)
-        candidate = _clone(average)
-        module.load_state_dict(own)
-        record["fawa_joined"] = joined
-        record["averaged_validation"] = kept.to_dict()
+    notes = scheme.hand_back(module, current.worst_robust)
+    averaged = notes.pop("averaged", None)
+    candidate = Candidate(epoch, _clone(module.state_dict()), current)
+    if averaged is not None:  # the scheme hands back averaged weights: they are the candidate
+        candidate = Candidate(epoch, _clone(averaged), _validate_state(module, averaged, val, sc))
+        notes["averaged_validation"] = candidate.validation.to_dict()
     scheme.update(Feedback(current.clean, current.robust, stats.train_robust))
-    record["kept_score"] = kept.score
-    record["kept_validation"] = kept.to_dict()
-    record["_candidate"] = candidate
-    return record
+    within = run.offer(candidate)
+    run.history.append({
+        "epoch": epoch, "lr": lr, "loss": stats.loss, "settings": settings.to_dict(),
+        "train_robust": stats.train_robust, "validation": current.to_dict(), **notes,
+        "within_budget": within, "train_s": fitted - began,
+        "validate_s": time.perf_counter() - fitted,
+    })
+    run.epoch = epoch
+    report(HardenProgress("trained", epoch, config.epochs, loss=stats.loss,
+                          worst_class=current.worst_class, worst_robust=current.worst_robust))
 
 
-def _save(path: Path, identity: dict[str, Any], epoch: int, module: nn.Module,
-          optimizer: torch.optim.Optimizer, scheme: Any, average: dict[str, torch.Tensor],
-          best: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    save_checkpoint(path, {
-        "identity": identity, "epoch": epoch, "model": module.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheme": scheme.state_dict(), "average": average,
-        "best": best, "history": history, "rng": torch.get_rng_state(),
+def _validate_state(module: nn.Module, state: dict[str, torch.Tensor], val: Split,
+                    sc: ScanConfig) -> Validation:
+    """Validate other weights in ``module``, then put its own back."""
+    own = _clone(module.state_dict())
+    module.load_state_dict(state)
+    try:
+        return validate(module, val, sc)
+    finally:
+        module.load_state_dict(own)
+
+
+def _epoch_seconds(run: RunState) -> dict[str, float]:
+    """Training and validation time of the epochs, apart (resumed epochs included)."""
+    epochs = [h for h in run.history if "train_s" in h]
+    return {"train_s": sum(h["train_s"] for h in epochs),
+            "validate_s": sum(h["validate_s"] for h in epochs)}
+
+
+def _warnings(config: HardenConfig, run: RunState) -> list[str]:
+    """What a user should know about a run that changed less than asked."""
+    found = []
+    b, base = run.budget, run.history[0]["validation"]
+    lifted = run.best.validation.worst_robust > base["worst_robust"] + 1e-9
+    if config.epochs > 0 and not lifted:
+        found.append(
+            f"no epoch lifted the weakest validation class while keeping the class mean at "
+            f"{b.mean_floor:.1%} or more and clean accuracy at {b.clean_floor:.1%} or more "
+            "(--max-mean-drop, --max-clean-drop): the input model is kept; more --epochs, "
+            "another --lr or a larger budget may find one"
+        )
+        if config.reweight == "cfa":
+            found.append(
+                "cfa gives the least robust classes the smallest eps (its calibrated margin) and "
+                "averages the weights of epochs: in a short fine-tune of a model that is already "
+                "adversarially trained this seldom lifts the weakest class; frl weights it up"
+            )
+    joined = [h for h in run.history if h.get("fawa_joined")]
+    if config.reweight == "cfa" and config.epochs > 0 and not joined:
+        threshold = run.history[-1].get("fawa_threshold", 0.0)
+        found.append(
+            f"cfa: no epoch's worst validation class reached {threshold:.1%}, so its weight "
+            "averaging (FAWA) never started; each epoch's own weights were judged"
+        )
+    return found
+
+
+def _save(config: HardenConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
+          scheme: Scheme, run: RunState) -> None:
+    save_checkpoint(config.checkpoint_path, {
+        "identity": _identity(config), "model": module.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheme": scheme.state_dict(),
+        "rng": torch.get_rng_state(), **run.to_checkpoint(),
     })
 
 
@@ -214,8 +282,7 @@ def _identity(config: HardenConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the interrupted one."""
     sc = config.scan
     fields = {k: v for k, v in config.to_dict().items()
-              if k not in ("scan", "out", "resume", "checkpoint", "calibrate", "max_clean_drop",
-                           "json", "html")}
+              if k not in ("scan", "out", "resume", "checkpoint", "calibrate", "json", "html")}
     for key in ("model", "data", "eps", "steps", "step_size", "restarts", "seed", "per_class",
                 "limit", "mean", "std", "batch_size"):
         value = getattr(sc, key)
@@ -228,7 +295,7 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _to(split: Split, device: torch.device) -> Split:
-    return Split(split.x.to(device), split.y.to(device), split.index, split.class_names)
+    return replace(split, x=split.x.to(device), y=split.y.to(device))
 
 
 def _check_fit(module: nn.Module, train: Split, val: Split) -> None:
@@ -249,23 +316,50 @@ def _check_fit(module: nn.Module, train: Split, val: Split) -> None:
         )
 
 
-def _write_weights(config: HardenConfig, history: list[dict[str, Any]], kept: int,
-                   calibration: Calibration | None, class_names: list[str]) -> None:
+def _write_weights(config: HardenConfig, run: RunState, calibration: Calibration | None,
+                   class_names: list[str]) -> None:
     doc = {
         "schema": "robaudit.harden.class_weights",
         "reweight": config.reweight,
         "objective": config.objective,
         "class_names": class_names,
-        "kept_epoch": kept,
-        "epochs": [{"epoch": h["epoch"], **h["settings"]} for h in history if "settings" in h],
+        "kept_epoch": run.best.epoch,
+        "epochs": [{"epoch": h["epoch"], **h["settings"]} for h in run.history
+                   if "settings" in h],
         "calibration_bias": None if calibration is None else calibration.bias,
     }
     atomic_write(config.weights_path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def to_dict(result: HardenResult) -> dict[str, Any]:
-    """The harden report (schema ``robaudit.harden`` version 1), with both scan reports."""
+    """The harden report (schema ``robaudit.harden`` version 2), with both scan reports."""
     before, after = scan_to_dict(result.before), scan_to_dict(result.after)
+    config, run = result.config, result.run
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": result.created,
+        "config": config.to_dict(),
+        "model": {"input": config.scan.model, "output": config.out,
+                  "format": after["model"]["format"], "class_weights": str(config.weights_path),
+                  "runtime_max_abs_diff": result.runtime_max_abs_diff},
+        "validation": {"data": after["data"]["spec"], "holdout": result.holdout},
+        "kept": {"epoch": run.best.epoch, "criterion": CRITERION,
+                 "validation": run.best.validation.to_dict(), "budget": run.budget.to_dict(),
+                 "within_budget": run.within_budget},
+        "resumed_from": result.resumed_from,
+        "history": run.history,
+        "calibration": None if result.calibration is None else result.calibration.to_dict(),
+        "classes": _class_changes(before, after),
+        "verdict": after["verdict"],
+        "warnings": result.warnings,
+        "timings": result.timings,
+        "before": before,
+        "after": after,
+    }
+
+
+def _class_changes(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
     classes = []
     for b, a in zip(before["classes"], after["classes"], strict=True):
         classes.append({
@@ -276,24 +370,4 @@ def to_dict(result: HardenResult) -> dict[str, Any]:
                       "robust": {k: v["acc"] for k, v in a["robust"].items()}},
             "passed": a["verdict"]["passed"],
         })
-    config = result.config
-    return {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "created": result.created,
-        "config": config.to_dict(),
-        "model": {"input": config.scan.model, "output": config.out,
-                  "format": after["model"]["format"], "class_weights": str(config.weights_path),
-                  "runtime_max_abs_diff": result.runtime_max_abs_diff},
-        "kept": {"epoch": result.kept_epoch, "criterion": CRITERION,
-                 "validation": result.kept_validation},
-        "resumed_from": result.resumed_from,
-        "history": [{k: v for k, v in h.items() if k != "_candidate"} for h in result.history],
-        "calibration": None if result.calibration is None else result.calibration.to_dict(),
-        "classes": classes,
-        "verdict": after["verdict"],
-        "timings": result.timings,
-        "before": before,
-        "after": after,
-    }
-
+    return classes

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,8 @@ class Split:
     y: torch.Tensor
     index: torch.Tensor
     class_names: list[str]
+    #: A hold-out's examples' indices in the data set it was taken from.
+    source_index: torch.Tensor | None = None
 
 
 def load_split(spec: str, scan: ScanConfig, *, split: str) -> Split:
@@ -68,9 +71,12 @@ class EpochStats:
     train_robust: list[float]
 
 
-def generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    """A CPU generator for one purpose of one epoch (stream 0: data order, 1: random starts)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 101 + stream) % (2**63 - 1))
+def generator(seed: int, epoch: int, stream: int,
+              device: torch.device | None = None) -> torch.Generator:
+    """A generator for one purpose of one epoch (stream 0: data order, 1: random starts), on
+    ``device`` (default CPU) so that random starts are drawn where the images are."""
+    gen = torch.Generator() if device is None else torch.Generator(device=device)
+    return gen.manual_seed((seed * 1_000_003 + epoch * 101 + stream) % (2**63 - 1))
 
 
 def make_adversarial(module: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
@@ -82,9 +88,9 @@ def make_adversarial(module: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: t
     if objective == "trades":
         with torch.no_grad():
             target = F.softmax(module(x), dim=1)
-        noise = 0.001 * torch.randn(x.shape, generator=gen).to(x.device)
+        noise = 0.001 * torch.randn(x.shape, generator=gen, device=x.device)
     else:
-        noise = (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * eps_b
+        noise = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps_b
     x_adv = torch.maximum(torch.minimum(x + noise, upper), lower)
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
@@ -119,10 +125,12 @@ def train_epoch(
     beta = torch.tensor(settings.beta, device=device)
     k = len(settings.eps)
     order = torch.randperm(len(data.y), generator=generator(seed, epoch, 0))
-    starts = generator(seed, epoch, 1)
-    correct = torch.zeros(k, dtype=torch.long)
-    seen = torch.zeros(k, dtype=torch.long)
-    total, count = 0.0, 0
+    starts = generator(seed, epoch, 1, device)
+    # Tallies stay on the device: the loop waits for it only when progress is reported.
+    correct = torch.zeros(k, dtype=torch.long, device=device)
+    seen = torch.zeros(k, dtype=torch.long, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     batches = (len(order) + batch_size - 1) // batch_size
     was_training = module.training
     try:
@@ -146,22 +154,23 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            hit = (adv_logits.detach().argmax(dim=1) == y).cpu()
-            correct += torch.bincount(y.cpu()[hit], minlength=k)
-            seen += torch.bincount(y.cpu(), minlength=k)
-            total += float(loss.detach()) * len(y)
+            hit = adv_logits.detach().argmax(dim=1) == y
+            correct += torch.bincount(y[hit], minlength=k)
+            seen += torch.bincount(y, minlength=k)
+            total += loss.detach().double() * len(y)
             count += len(y)
             if on_batch is not None:
-                on_batch(b + 1, batches, total / count)
+                on_batch(b + 1, batches, float(total) / count)
     finally:
         module.train(was_training)
-    robust = [float(c) / float(n) if n else 1.0 for c, n in zip(correct, seen, strict=True)]
-    return EpochStats(total / max(count, 1), robust)
+    robust = [c / n if n else 1.0
+              for c, n in zip(correct.tolist(), seen.tolist(), strict=True)]
+    return EpochStats(float(total) / max(count, 1), robust)
 
 
 @dataclass
 class Validation:
-    """Per-class clean and PGD robust accuracy on the validation set, and the selection score."""
+    """Per-class clean and PGD robust accuracy on the validation set."""
 
     clean: list[float]
     robust: list[float]
@@ -170,15 +179,15 @@ class Validation:
     worst_robust: float
     worst_class: str
 
-    @property
-    def score(self) -> float:
-        """What the kept checkpoint maximises: mean plus worst-class robust accuracy."""
-        return self.mean_robust + self.worst_robust
-
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {"clean": self.clean, "robust": self.robust, "clean_acc": self.clean_acc,
                 "mean_robust": self.mean_robust, "worst_robust": self.worst_robust,
-                "worst_class": self.worst_class, "score": self.score}
+                "worst_class": self.worst_class}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Validation:
+        return cls(list(doc["clean"]), list(doc["robust"]), float(doc["clean_acc"]),
+                   float(doc["mean_robust"]), float(doc["worst_robust"]), str(doc["worst_class"]))
 
 
 def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,
@@ -238,13 +247,3 @@ class LogitBias(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits + self.bias
-
-
-def average_into(average: dict[str, torch.Tensor], module: nn.Module, decay: float) -> None:
-    """``θ̄ ← decay·θ̄ + (1 − decay)·θ`` for floating-point entries (CFA's weight averaging)."""
-    with torch.no_grad():
-        for name, value in module.state_dict().items():
-            if value.is_floating_point():
-                average[name].mul_(decay).add_(value, alpha=1 - decay)
-            else:
-                average[name].copy_(value)

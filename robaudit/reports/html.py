@@ -21,6 +21,7 @@ import jinja2
 from markupsafe import Markup
 
 from robaudit.reports import atomic_write
+from robaudit.reports.baseline_view import baseline_view
 
 WORST = "worst"  # the worst case over attacks, as the JSON report names it
 #: Up to this many audited classes, every chart and the table show every class.
@@ -112,7 +113,7 @@ def build_view(doc: dict[str, Any]) -> dict[str, Any]:
         rest = [c for c in present if c["index"] not in top]
     else:
         focus, main, rest = weakest_first, present, []
-    thresholds = _thresholds(gate, [c["figure"] for c in present])
+    thresholds = _thresholds(gate)
     return {
         "attacks": attacks,
         "figures": figures,
@@ -133,6 +134,7 @@ def build_view(doc: dict[str, Any]) -> dict[str, Any]:
         "correlations": _correlations(doc),
         "gains": _gains(doc, present),
         "gallery": _gallery(doc, weakest_first),
+        "baseline": baseline_view(doc, on),
     }
 
 
@@ -176,18 +178,15 @@ def _policy(gate: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _thresholds(gate: dict[str, Any], accs: Sequence[float | None]) -> list[dict[str, Any]]:
-    """The lines a class must stay above, worked out the way the gate does."""
-    known = [a for a in accs if a is not None]
-    out = []
-    if gate.get("min_class_robust") is not None:
-        out.append({"value": gate["min_class_robust"], "label": "floor"})
-    if gate.get("min_ratio") is not None and known:
-        out.append({"value": gate["min_ratio"] * sum(known) / len(known),
-                    "label": f"{gate['min_ratio']:g}× mean"})
-    if gate.get("max_gap") is not None and known:
-        out.append({"value": max(known) - gate["max_gap"], "label": "best − gap"})
-    return [t for t in out if 0 <= t["value"] <= 1]
+def _thresholds(gate: dict[str, Any]) -> list[dict[str, Any]]:
+    """The lines a class had to stay above, as the gate drew them (stored in the report)."""
+    # A report from before robaudit stored them has only its floor to show.
+    floor = {"min_class_robust": gate.get("min_class_robust")}
+    stored = gate.get("thresholds", floor)
+    labels = {"min_class_robust": "floor", "min_ratio": f"{gate.get('min_ratio') or 0:g}× mean",
+              "max_gap": "best − gap"}
+    return [{"value": value, "label": labels[name]} for name, value in stored.items()
+            if name in labels and value is not None and 0 <= value <= 1]
 
 
 def _rate_title(name: str, figure: str, rate: dict[str, Any] | None) -> str:

@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from robaudit.audit import ScanResult
-from robaudit.config import describe_attacks, format_eps, gate_policy
-from robaudit.errors import ExitCode, UsageError
-from robaudit.gate import Verdict, judge
-from robaudit.metrics import WORST, Rate
+from robaudit.config import describe_attacks, format_eps
+from robaudit.errors import ExitCode
+from robaudit.gate import GatePolicy, Verdict, judge, thresholds
+from robaudit.metrics import WORST, ClassStats, Rate, Summary
 from robaudit.reports import atomic_write
+from robaudit.reports.schema import SCHEMA, SCHEMA_VERSION, read_json
 
-SCHEMA = "robaudit.scan"
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "dumps", "exit_code", "read_json", "to_dict",
+           "without_images", "write_json"]
+
 
 
 def exit_code(result: ScanResult) -> ExitCode:
@@ -55,7 +57,7 @@ def without_images(doc: dict[str, Any]) -> dict[str, Any]:
 def to_dict(result: ScanResult) -> dict[str, Any]:
     """The report document. Everything the other reports show comes from here."""
     config = result.config
-    policy = gate_policy(config)
+    policy = config.gate_policy()
     baseline = result.baseline
     unreliable = result.escalation.unreliable
     # Per-attack verdicts under the same policy: JUnit has a suite per attack.
@@ -65,24 +67,6 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
                     allow_unreliable=config.allow_unreliable)
         for name in [*result.attack_names, WORST]
     }
-    summary = result.summary
-    classes = []
-    for s in result.stats:
-        classes.append({
-            "index": s.index,
-            "name": s.name,
-            "n": s.n,
-            "clean": _rate(s.clean),
-            "robust": {name: _rate(rate) for name, rate in s.robust.items()},
-            "runtime_robust": _rate(s.runtime_robust),
-            # Rounded: float32 sums differ in the 8th digit between batch sizes, and the
-            # report should not.
-            "mean_clean_margin": _round(s.mean_clean_margin),
-            "mean_adv_margin": _round(s.mean_adv_margin),
-            "confusion_row": s.confusion_row,
-            "verdict": _verdict(result.verdicts[s.index]),
-            "verdict_by_figure": {n: _verdict(v[s.index]) for n, v in by_figure.items()},
-        })
     code = exit_code(result)
     doc = {
         "schema": SCHEMA,
@@ -94,14 +78,7 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
             "exit_code": int(code),
             "flagged": [v.name for v in result.flagged],
             "unreliable": [v.name for v in result.verdicts if v.unreliable is not None],
-            "gate": {
-                "on": policy.on,
-                "min_class_robust": policy.min_class_robust,
-                "min_ratio": policy.min_ratio,
-                "max_gap": policy.max_gap,
-                "max_drop": policy.max_drop,
-                "significance": policy.significance,
-            },
+            "gate": _gate(policy, result.stats),
         },
         "baseline": None if baseline is None else {
             "path": baseline.path, "created": baseline.created, "robust": baseline.robust,
@@ -114,29 +91,10 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
         "attacks": result.attacks or describe_attacks(config, config.attacks),
         "escalation": result.escalation.to_dict(),
         "class_names": result.class_names,
-        "classes": classes,
-        "summary": {
-            "n": summary.n,
-            "clean_acc": summary.clean_acc,
-            "robust_acc": summary.robust_acc,
-            "mean_class_robust": summary.mean_class_robust,
-            "worst_class": {"name": summary.worst_class, "robust_acc": summary.worst_class_robust},
-            "best_class": {"name": summary.best_class, "robust_acc": summary.best_class_robust},
-            "gap": summary.gap,
-            "std": summary.std,
-            "rank_correlation": summary.rank_correlation,
-            "gain_split": None if summary.gain_split is None else {
-                "weakest": summary.gain_split.weakest,
-                "strongest": summary.gain_split.strongest,
-                "total_broken": summary.gain_split.total_broken,
-                "per_class": summary.gain_split.per_class,
-                "vulnerable_half_share": summary.gain_split.vulnerable_half_share,
-            },
-            "runtime_clean_acc": summary.runtime_clean_acc,
-            "runtime_robust_acc": summary.runtime_robust_acc,
-            "bad_gradient_share": summary.bad_gradient_share,
-            "mean_forwards": summary.mean_forwards,
-        },
+        "classes": [_class(s, result.verdicts[s.index],
+                           {name: verdicts[s.index] for name, verdicts in by_figure.items()})
+                    for s in result.stats],
+        "summary": _summary(result.summary),
         "confusion": result.confusion,
         "timings": result.timings,
         "warnings": result.warnings,
@@ -145,6 +103,62 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
         "gallery": result.gallery,
     }
     return _clean(doc)
+
+
+def _gate(policy: GatePolicy, stats: list[ClassStats]) -> dict[str, Any]:
+    return {
+        "on": policy.on,
+        "min_class_robust": policy.min_class_robust,
+        "min_ratio": policy.min_ratio,
+        "max_gap": policy.max_gap,
+        "max_drop": policy.max_drop,
+        "significance": policy.significance,
+        # The lines the gate drew (the class mean and best class worked in): for the HTML chart.
+        "thresholds": thresholds(stats, policy),
+    }
+
+
+def _class(s: ClassStats, verdict: Verdict, by_figure: dict[str, Verdict]) -> dict[str, Any]:
+    return {
+        "index": s.index,
+        "name": s.name,
+        "n": s.n,
+        "clean": _rate(s.clean),
+        "robust": {name: _rate(rate) for name, rate in s.robust.items()},
+        "runtime_robust": _rate(s.runtime_robust),
+        # Rounded: float32 sums differ in the 8th digit between batch sizes, and the
+        # report should not.
+        "mean_clean_margin": _round(s.mean_clean_margin),
+        "mean_adv_margin": _round(s.mean_adv_margin),
+        "confusion_row": s.confusion_row,
+        "verdict": _verdict(verdict),
+        "verdict_by_figure": {n: _verdict(v) for n, v in by_figure.items()},
+    }
+
+
+def _summary(summary: Summary) -> dict[str, Any]:
+    return {
+        "n": summary.n,
+        "clean_acc": summary.clean_acc,
+        "robust_acc": summary.robust_acc,
+        "mean_class_robust": summary.mean_class_robust,
+        "worst_class": {"name": summary.worst_class, "robust_acc": summary.worst_class_robust},
+        "best_class": {"name": summary.best_class, "robust_acc": summary.best_class_robust},
+        "gap": summary.gap,
+        "std": summary.std,
+        "rank_correlation": summary.rank_correlation,
+        "gain_split": None if summary.gain_split is None else {
+            "weakest": summary.gain_split.weakest,
+            "strongest": summary.gain_split.strongest,
+            "total_broken": summary.gain_split.total_broken,
+            "per_class": summary.gain_split.per_class,
+            "vulnerable_half_share": summary.gain_split.vulnerable_half_share,
+        },
+        "runtime_clean_acc": summary.runtime_clean_acc,
+        "runtime_robust_acc": summary.runtime_robust_acc,
+        "bad_gradient_share": summary.bad_gradient_share,
+        "mean_forwards": summary.mean_forwards,
+    }
 
 
 def _gallery(gallery: dict[str, list[dict[str, Any]]], images: bool) -> dict[str, Any]:
@@ -176,51 +190,3 @@ def dumps(doc: dict[str, Any]) -> str:
 
 def write_json(path: str | Path, doc: dict[str, Any]) -> None:
     atomic_write(path, dumps(doc).encode("utf-8"))
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    """A saved report, checked to be one robaudit can render."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UsageError(f"cannot read report {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(
-            f"{path} is not a JSON file ({e}); pass a report written by --json"
-        ) from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise UsageError(f"{path} is not a robaudit scan report; pass a file written by --json")
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise UsageError(
-            f"{path} has report schema version {doc.get('schema_version')}, this robaudit reads "
-            f"version {SCHEMA_VERSION}; re-run the scan with this version"
-        )
-    _check_complete(doc, path)
-    return doc
-
-
-# What the renderers read: a report cut short or edited by hand must fail here with a message,
-# not with a KeyError (an "internal error") halfway through rendering it.
-_REPORT_KEYS = {
-    "partial": bool, "verdict": dict, "config": dict, "model": dict, "data": dict,
-    "environment": dict, "attacks": list, "class_names": list, "classes": list, "summary": dict,
-    "timings": dict, "warnings": list,
-}
-_CLASS_KEYS = ("index", "name", "n", "clean", "robust", "verdict", "verdict_by_figure")
-
-
-def _check_complete(doc: dict[str, Any], path: Path) -> None:
-    def incomplete(what: str) -> UsageError:
-        return UsageError(
-            f"{path} is an incomplete robaudit report ({what}); pass the file --json wrote, "
-            "unedited, or re-run the scan"
-        )
-
-    for key, kind in _REPORT_KEYS.items():
-        if not isinstance(doc.get(key), kind):
-            raise incomplete(f"'{key}' is missing or not a {kind.__name__}")
-    for number, entry in enumerate(doc["classes"]):
-        missing = [k for k in _CLASS_KEYS if not isinstance(entry, dict) or k not in entry]
-        if missing:
-            raise incomplete(f"class entry {number} has no '{missing[0]}'")

@@ -196,6 +196,8 @@ class TerminalReporter:
                 change = (doc["mean_current"] - doc["mean_baseline"]) * 100
                 self.console.print(f"class mean {_pct(doc['mean_baseline'])} -> "
                                    f"{_pct(doc['mean_current'])} ({change:+.1f} pp)")
+            if "rank_correlation" in doc:
+                self.console.print(Text(_ranking_line(doc)))
             if reasons:
                 for c in doc["classes"]:
                     for failure in c["failures"]:
@@ -273,6 +275,8 @@ class TerminalReporter:
         """A harden report: the scan of the hardened model, then the per-class before/after
         table, what was kept and where it was written."""
         self.render(doc["after"])
+        for warning in doc.get("warnings", []):
+            self.warn(warning)
         if self.verbosity < 0:
             return
         attacks = [a["name"] for a in doc["after"]["attacks"]]
@@ -305,12 +309,46 @@ class TerminalReporter:
             f"{_pct(after['mean_class_robust'][WORST])}; clean {_pct(before['clean_acc'])} -> "
             f"{_pct(after['clean_acc'])}"
         )
-        kept = doc["kept"]
-        self.console.print(f"kept epoch {kept['epoch']} (highest {kept['criterion']}: "
-                           f"{kept['validation']['score']:.3f})")
+        self._harden_selection(doc)
         if doc["calibration"] is not None:
             bias = ", ".join(f"{v:+.2f}" for v in doc["calibration"]["bias"])
             self.console.print(f"calibration: per-class logit bias [{bias}]")
         model = doc["model"]
         self.console.print(f"hardened model: {model['output']} ({model['format']}); class "
                            f"weights: {model['class_weights']}")
+
+    def _harden_selection(self, doc: dict[str, Any]) -> None:
+        """Where validation came from, the budget, which epochs met it and which was kept."""
+        holdout = doc.get("validation", {}).get("holdout")
+        if holdout:
+            self.console.print(
+                f"validation: {holdout['held_out']} examples held out of the training data "
+                f"({holdout['fraction']:.0%} of each class, seed {holdout['seed']}), never "
+                f"trained on; before/after scans on them: {holdout['file']}")
+        kept = doc["kept"]
+        budget, val = kept["budget"], kept["validation"]
+        epochs = ", ".join(str(e) for e in kept["within_budget"])
+        self.console.print(
+            f"budget: class mean >= {_pct(budget['mean_floor'])}, clean >= "
+            f"{_pct(budget['clean_floor'])} on validation; epochs within it: {epochs}")
+        self.console.print(
+            f"kept epoch {kept['epoch']} (highest worst-class robust accuracy within the "
+            f"budget: {val['worst_class']} {_pct(val['worst_robust'])}, class mean "
+            f"{_pct(val['mean_robust'])}, clean {_pct(val['clean_acc'])})")
+
+def _ranking_line(doc: dict[str, Any]) -> str:
+    """Whether the two reports agree on the weak classes: Spearman and the biggest moves."""
+    rho = doc["rank_correlation"]
+    if rho is None:
+        return "class ranking: no rank correlation (one report has every class at one figure)"
+    line = f"class ranking: Spearman {rho:+.2f} from the baseline to the report"
+    moves = doc.get("rank_moved_most") or []
+    if moves:
+        line += "; moved most (place 1 = least robust): " + ", ".join(
+            f"{m['name']} ({_place(m['baseline'])} -> {_place(m['current'])})" for m in moves)
+    return line
+
+
+def _place(value: float) -> str:
+    return f"{value:g}"
+
