@@ -160,7 +160,7 @@ def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
     baseline = _read_baseline(config.baseline) if config.baseline else None
     if baseline is not None:
         check_comparable(baseline, eps=config.eps, attacks=config.attacks, audited=None,
-                         against="this scan")
+                         against="this scan", norm=config.norm)
     report(Progress("loading data", 0, 0))
     source = load_data(
         config.data, root=config.data_root, download=config.download, split=config.split,
@@ -170,7 +170,8 @@ def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
     if baseline is not None:
         audited = sorted(set(np.asarray(source.targets)[indices].tolist()))
         check_comparable(baseline, eps=config.eps, attacks=config.attacks,
-                         audited=[source.class_names[t] for t in audited], against="this scan")
+                         audited=[source.class_names[t] for t in audited], against="this scan",
+                         norm=config.norm)
     report(Progress("loading model", 0, len(indices)))
     model = load_model(
         config.model, arch=config.arch, num_classes=config.num_classes,
@@ -362,6 +363,7 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
         timings={
             "load_s": loaded.seconds,
             "attack_s": run.seconds,
+            "escalation_s": run.escalation.seconds,
             "total_s": time.perf_counter() - started,
             **{f"{a}_s": run.pool.seconds.get(a, 0.0) for a in attacks},
         },

@@ -97,10 +97,28 @@ SETTINGS = [
     _setting("--runtime-check/--no-runtime-check", default=None,
              help="Check an ONNX model's conversion and adversarial examples against "
              "onnxruntime.  [default: on]"),
-    _setting("--attacks", help="Comma-separated: fgsm, pgd, tpgd, cw (harden: of the "
+    _setting("--attacks", help="A preset (fast: pgd,tpgd; standard: AutoAttack's apgd-ce, "
+             "apgd-t, square, each on the previous ones' survivors) or comma-separated names: "
+             "fgsm, pgd, tpgd, cw, dlr, dlr-t, ce-t, apgd-ce, apgd-t, square (harden: of the "
              "before/after scans).  [default: pgd,tpgd]"),
-    _setting("--eps", help="L-inf radius in pixel units [0,1]; fractions like 8/255 work; "
-             "several (2/255,4/255,8/255) run a sweep.  [default: 8/255]"),
+    _setting("--norm", type=click.Choice(["linf", "l2"]),
+             help="Threat model: the L-inf or the L2 ball of radius --eps, in pixel units.  "
+             "[default: linf]"),
+    _setting("--queries", type=int, scan_only=True,
+             help="Square's queries per example.  [default: 5000, AutoAttack's]"),
+    _setting("--targets", type=int, scan_only=True,
+             help="Target classes of the targeted attacks (dlr-t, ce-t, apgd-t).  [default: 9]"),
+    _setting("--escalate/--no-escalate", scan_only=True, default=None,
+             help="Where the sanity checks see gradient masking, run DLR and Square on the "
+             "survivors of the classes concerned.  [default: on]"),
+    _setting("--escalation-queries", type=int, scan_only=True,
+             help="Square's queries per example when escalating.  [default: 1000]"),
+    _setting("--allow-unreliable/--no-allow-unreliable", scan_only=True, default=None,
+             help="Judge classes whose signs of masking remain after escalation on their "
+             "figures alone instead of failing them as unreliable.  [default: off]"),
+    _setting("--eps", help="Radius of the threat model's ball in pixel units [0,1]; "
+             "fractions like 8/255 work; several (2/255,4/255,8/255) run a sweep.  "
+             "[default: 8/255]"),
     _setting("--gate-eps", scan_only=True, help="With several --eps, the one the gate judges.  "
              "[default: the largest]"),
     _setting("--mode", scan_only=True, type=click.Choice(["each", "worst-case"]),

@@ -42,6 +42,8 @@ class Figures:
     #: Attack strength, for warnings: reports of weaker attacks compare but show false gains.
     strength: dict[str, Any] = field(default_factory=dict)
     partial: bool = False
+    #: The threat model (reports from before the L2 ball are L∞).
+    norm: str = "linf"
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any], path: str | Path) -> Figures:
@@ -62,6 +64,7 @@ class Figures:
             robust=robust,
             strength={k: config.get(k) for k in _STRENGTH},
             partial=bool(doc.get("partial", False)),
+            norm=str(config.get("norm", "linf")),
         )
 
 
@@ -77,6 +80,7 @@ def check_comparable(
     attacks: Collection[str],
     audited: Collection[str] | None,
     against: str,
+    norm: str = "linf",
 ) -> None:
     """UsageError naming every setting in which ``against`` differs from the baseline.
 
@@ -84,6 +88,8 @@ def check_comparable(
     a "drop" between them would be meaningless.
     """
     differences = []
+    if baseline.norm != norm:
+        differences.append(f"threat model (baseline {baseline.norm}, {against} {norm})")
     if abs(baseline.eps - eps) > _EPS_TOL:
         differences.append(
             f"eps (baseline {format_eps(baseline.eps)}, {against} {format_eps(eps)})"
@@ -104,8 +110,8 @@ def check_comparable(
     if differences:
         raise UsageError(
             f"cannot compare {against} with the baseline {baseline.path}: they differ in "
-            f"{', and '.join(differences)}. Compare reports made with the same eps, attacks "
-            "and classes"
+            f"{', and '.join(differences)}. Compare reports made with the same norm, eps, "
+            "attacks and classes"
         )
 
 
@@ -306,7 +312,7 @@ def compare(
         raise UsageError(f"max_drop must be between 0 and 1, got {max_drop}")
     current = Figures.from_doc(report, report_path)
     check_comparable(baseline, eps=current.eps, attacks=current.attacks,
-                     audited=current.audited, against=report_path)
+                     audited=current.audited, against=report_path, norm=current.norm)
     gate = report["verdict"]["gate"]
     figure = figure or gate["on"]
     if figure not in (*current.attacks, WORST):

@@ -51,7 +51,7 @@ class Escalation:
 
     def to_dict(self) -> dict[str, object]:
         return {"ran": self.ran, "attacks": list(self.attacks), "classes": sorted(self.signs),
-                "examples": self.examples, "seconds": self.seconds, "signs": self.signs,
+                "examples": self.examples, "signs": self.signs,
                 "unreliable": self.unreliable}
 
 

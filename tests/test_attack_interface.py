@@ -3,6 +3,7 @@ and a new attack (Square) runs in the same engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -33,3 +34,206 @@ def test_the_bundled_example_gives_the_figures_it_gave_before_the_interface(digi
         assert c["mean_adv_margin"] == pytest.approx(pinned["mean_adv_margin"][c["name"]],
                                                      abs=2e-4)
     assert doc["summary"]["mean_forwards"] == pytest.approx(pinned["mean_forwards"], abs=1e-9)
+
+
+# -- new attacks against cases with known answers ---------------------------------------------
+
+import torch  # noqa: E402
+from conftest import Linear  # noqa: E402
+
+from robaudit.attacks import PGD, AttackSettings, Square, build_attack  # noqa: E402
+from robaudit.attacks.losses import dlr, dlr_targeted  # noqa: E402
+
+L2_EPS = 0.1
+
+
+def two_class_linear_l2(corner_margin: float, d: int = 16, seed: int = 0):
+    """A 2-class linear model whose margin falls fastest along -(w_0 - w_1): the optimal L2
+    perturbation is ``-eps * diff / ||diff||_2``, where the margin falls by ``eps·||diff||_2``."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(2, d, generator=g)
+    x = torch.full((1, 1, 4, d // 4), 0.5)  # interior: the box does not bind
+    diff = w[0] - w[1]
+    optimum = x - L2_EPS * (diff / diff.norm()).reshape(x.shape)
+    clean_margin = float(diff @ x.flatten())
+    bias = torch.tensor([corner_margin - clean_margin + L2_EPS * float(diff.norm()), 0.0])
+    return Linear(w, bias), x, optimum
+
+
+def test_l2_pgd_reaches_the_optimal_l2_perturbation_of_a_linear_model():
+    model, x, optimum = two_class_linear_l2(corner_margin=-1e-3)
+    out = PGD(L2_EPS, steps=20, schedule="halving", norm="l2")(
+        model, x, torch.tensor([0]), torch.tensor([3]))
+    assert out.broken.tolist() == [True]
+    assert float((out.x_adv - x).norm()) <= L2_EPS + 1e-6
+    # Near the optimum only: the misclassified region of the ball is a cap around it.
+    assert float((out.x_adv - optimum).norm()) < 0.03
+
+
+def test_l2_pgd_ends_on_the_optimum_but_does_not_break_a_model_robust_at_it():
+    model, x, optimum = two_class_linear_l2(corner_margin=1e-3)
+    out = PGD(L2_EPS, steps=20, schedule="halving", norm="l2")(
+        model, x, torch.tensor([0]), torch.tensor([3]))
+    assert out.broken.tolist() == [False]
+    torch.testing.assert_close(out.x_adv, optimum, atol=1e-4, rtol=0)
+    assert float(out.margin(torch.tensor([0]))) == pytest.approx(1e-3, abs=1e-4)
+
+
+def test_fgm_is_one_normalised_gradient_step_of_size_eps():
+    model, x, optimum = two_class_linear_l2(corner_margin=-1e-4)
+    fgm = build_attack("fgsm", AttackSettings(L2_EPS, norm="l2"))
+    out = fgm(model, x, torch.tensor([0]), torch.tensor([0]))
+    torch.testing.assert_close(out.x_adv, optimum, atol=1e-6, rtol=0)
+    assert out.broken.tolist() == [True]
+
+
+class PixelSwitch(torch.nn.Module):
+    """Class 0 unless the top-left pixel reaches 0.5: ``round`` makes its input gradient zero
+    everywhere, so only a search finds the one change that fools it."""
+
+    def forward(self, x):
+        top_left = torch.round(x[:, 0, 0, 0])
+        return torch.stack([torch.zeros_like(top_left), 4 * top_left - 2], dim=1)
+
+
+@pytest.mark.parametrize(("norm", "eps", "queries"), [("linf", 0.15, 300), ("l2", 1.0, 1000)])
+def test_square_breaks_a_zero_gradient_model_that_pgd_cannot(norm, eps, queries):
+    x = torch.full((6, 1, 8, 8), 0.4)
+    y = torch.zeros(6, dtype=torch.long)
+    model = PixelSwitch()
+    pgd = PGD(eps, steps=20, norm=norm, random_start=False)(model, x, y, torch.arange(6))
+    assert pgd.broken.tolist() == [False] * 6
+    assert pgd.bad_gradient.tolist() == [True] * 6
+    out = Square(eps, queries=queries, norm=norm)(model, x, y, torch.arange(6))
+    assert out.broken.tolist() == [True] * 6
+    assert out.pred.tolist() == [1] * 6
+    delta = (out.x_adv - x).flatten(1)
+    size = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
+    assert float(size.max()) <= eps + 1e-6
+    assert float(out.x_adv.min()) >= 0 and float(out.x_adv.max()) <= 1
+    assert int(out.forwards.max()) <= queries
+
+
+def test_square_cannot_break_a_model_that_ignores_its_input():
+    from conftest import Constant
+
+    x = torch.rand(3, 1, 8, 8)
+    out = Square(0.3, queries=50)(Constant(torch.tensor([1.0, 0.0])), x,
+                                  torch.zeros(3, dtype=torch.long), torch.arange(3))
+    assert out.broken.tolist() == [False] * 3
+    assert out.forwards.tolist() == [50] * 3  # its whole budget, the start included
+
+
+def test_square_results_do_not_depend_on_the_batch():
+    model, _, _ = two_class_linear(0.05)
+    x = torch.rand(5, 1, 4, 4)
+    y = torch.zeros(5, dtype=torch.long)
+    attack = Square(0.2, queries=40)
+    whole = attack(model, x, y, torch.arange(5))
+    alone = attack(model, x[2:3], y[2:3], torch.arange(2, 3))
+    torch.testing.assert_close(whole.x_adv[2:3], alone.x_adv)
+
+
+def two_class_linear(bias0: float):
+    g = torch.Generator().manual_seed(1)
+    return Linear(torch.randn(2, 16, generator=g), torch.tensor([bias0, 0.0])), None, None
+
+
+def test_dlr_is_unchanged_by_scaling_and_shifting_the_logits():
+    z = torch.randn(8, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.arange(8)
+    target = (y + 1) % 10
+    for c in (1e-3, 1.0, 1e4):
+        torch.testing.assert_close(dlr(c * z + 3.0, y), dlr(z, y), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(dlr_targeted(c * z - 1.0, y, target), dlr_targeted(z, y, target),
+                                   rtol=1e-6, atol=1e-8)
+
+
+def test_dlr_breaks_scaled_logits_that_saturate_cross_entropy():
+    # Logits x 1e4: the softmax saturates, cross-entropy's gradient underflows to zero.
+    model, x, _ = two_class_linear_l2(corner_margin=-1e-3)
+
+    class Scaled(torch.nn.Module):
+        def forward(self, v):
+            return torch.cat([model(v), torch.zeros(v.shape[0], 1)], dim=1) * 1e4
+
+    y = torch.tensor([0])
+    s = AttackSettings(L2_EPS, norm="l2", steps=20)
+    assert build_attack("dlr", s)(Scaled(), x, y, torch.tensor([1])).broken.tolist() == [True]
+
+
+def test_targeted_runs_aim_at_the_most_likely_wrong_classes():
+    # Four classes; class 3 is the most likely wrong one at x, class 1 the second.
+    w = torch.zeros(4, 16)
+    w[1, 0], w[2, 1], w[3, 2] = 1.0, 1.0, 1.0
+    model = Linear(w, torch.tensor([2.5, 1.2, 0.5, 1.6]))  # at x: 2.5, 1.7, 1.0, 2.1
+    x = torch.full((1, 1, 4, 4), 0.5)
+    attack = PGD(0.5, steps=10, schedule="halving", targets=1, losses=[dlr_targeted])
+    out = attack(model, x, torch.tensor([0]), torch.tensor([0]))
+    assert out.broken.tolist() == [True] and out.pred.tolist() == [3]
+
+
+# -- a masked figure never passes --------------------------------------------------------------
+
+
+class _Masked(torch.nn.Module):
+    """The bundled example's model with its gradients masked, every decision kept."""
+
+    def __init__(self, model, kind):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, x):
+        if self.kind == "scaled":  # the softmax saturates: cross-entropy gradients underflow
+            return self.model(x) * 1e4
+        if self.kind == "quantised":  # the data's own 1/16 grid: zero gradient almost everywhere
+            return self.model(torch.round(x * 16) / 16)
+        return torch.softmax(self.model(x), dim=1)  # probabilities instead of logits
+
+
+def _masked_file(digits, tmp_path, kind):
+    from robaudit.models import load_model
+
+    model = load_model(str(digits / "model.pt2")).module.eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(_Masked(model, kind).eval(), (torch.rand(2, 1, 8, 8),),
+                                  dynamic_shapes=({0: batch},))
+    path = tmp_path / f"{kind}.pt2"
+    torch.export.save(program, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def unmasked_worst():
+    from conftest import DIGITS as digits
+
+    config = ScanConfig(model=str(digits / "model.pt2"), data=str(digits / "test.npz"), eps=0.2,
+                        per_class=12, min_class_robust=0.3)
+    return scan(config).summary.robust_acc["worst"]
+
+
+@pytest.mark.parametrize("kind", ["scaled", "quantised", "softmax"])
+def test_a_masked_model_is_flagged_at_its_real_figure_or_judged_unreliable(
+        digits, tmp_path, kind, unmasked_worst):
+    config = ScanConfig(model=_masked_file(digits, tmp_path, kind), data=str(digits / "test.npz"),
+                        eps=0.2, per_class=12, min_class_robust=0.3)
+    result = scan(config)
+    assert result.flagged  # exit 1: it never passes the gate
+    assert result.escalation.ran and result.escalation.attacks == ("dlr", "square")
+    worst = result.summary.robust_acc["worst"]
+    unreliable = [v.name for v in result.verdicts if v.status == "unreliable"]
+    assert worst <= unmasked_worst + 0.05 or unreliable, (worst, unmasked_worst)
+    if kind == "quantised":  # no gradient at all, even for DLR: only Square tested it
+        assert len(unreliable) == 10
+    allowed = scan(dataclasses.replace(config, allow_unreliable=True))
+    assert all(v.status != "unreliable" for v in allowed.verdicts)
+    assert [v.unreliable is not None for v in allowed.verdicts] == \
+        [v.unreliable is not None for v in result.verdicts]
+
+
+def test_escalation_costs_nothing_on_a_model_without_signs(digits):
+    config = ScanConfig(model=str(digits / "model.pt2"), data=str(digits / "test.npz"), eps=0.2,
+                        per_class=12)
+    result = scan(config)
+    assert not result.escalation.ran and result.escalation.signs == {}
+    assert result.attack_names == ["pgd", "tpgd"]

@@ -166,7 +166,10 @@ def test_strict_turns_sanity_findings_into_exit_4(tmp_path, capsys):
 
     args = ["scan", exported(tmp_path, Quantised), "--data", str(DIGITS / "test.npz"),
             "--eps", "0.2", "--steps", "3", "--per-class", "3", "--json", str(tmp_path / "r.json")]
-    assert main(args) == 0  # nothing gated: only warnings
+    # No policy is set, but the quantised model's zero gradients remain after escalation: every
+    # class is unreliable and fails, unless the user allows it by name.
+    assert main(args) == 1
+    assert main([*args, "--allow-unreliable"]) == 0
     assert main([*args, "--strict"]) == 4
     err = capsys.readouterr().err
     assert "--strict: the sanity checks found signs of gradient masking (bad_gradients" in err

@@ -148,6 +148,7 @@ def _class_row(c: dict[str, Any], on: str) -> dict[str, Any]:
         "runtime": c.get("runtime_robust"),
         "figure": c["robust"][on]["acc"],
         "flagged": not c["verdict"]["passed"],
+        "unreliable": c["verdict"].get("status") == "unreliable",
         "reasons": [f["message"] for f in c["verdict"]["failures"]],
     }
 

@@ -65,7 +65,8 @@ def render_junit(doc: dict[str, Any]) -> bytes:
             elif not verdict["passed"]:
                 suite_failures += 1
                 messages = [f["message"] for f in verdict["failures"]]
-                failure = ET.SubElement(case, "failure", type="robaudit.flagged",
+                kind = verdict.get("status", "flagged")
+                failure = ET.SubElement(case, "failure", type=f"robaudit.{kind}",
                                         message=_text("; ".join(messages)))
                 failure.text = _text("\n".join(lines + messages))
             out = ET.SubElement(case, "system-out")

@@ -87,7 +87,7 @@ class TerminalReporter:
         for label, value in (
             ("model", doc["model"]["description"]),
             ("data", f"{doc['data']['description']}: {doc['data']['audited']} examples audited"),
-            ("attack", f"{attacks}; eps {config['eps_text']} (L-inf, pixels in [0,1]), "
+            ("attack", f"{attacks}; eps {config['eps_text']} ({_norm(config)}, pixels in [0,1]), "
                        f"{config['steps']} steps, {config['restarts']} restart(s), "
                        f"seed {config['seed']}"),
             ("device", f"{env['device']} ({env['device_name']}), torch {env['torch']}"),
@@ -121,7 +121,7 @@ class TerminalReporter:
             cells.append(_pct(worst["acc"]) + ci)
             if runtime:
                 cells.append(_pct((c["runtime_robust"] or {}).get("acc")))
-            cells.append("FLAGGED" if flagged else "passed")
+            cells.append(_status(c["verdict"]))
             table.add_row(*cells, style="bold red" if flagged else None)
         notes = []
         if gate_on != WORST:
@@ -156,7 +156,8 @@ class TerminalReporter:
     def _reasons(self, doc: dict[str, Any]) -> None:
         for c in doc["classes"]:
             for failure in c["verdict"]["failures"]:
-                self.console.print(Text(f"FLAGGED {c['name']}: {failure['message']}",
+                label = "UNRELIABLE" if failure["policy"] == "unreliable" else "FLAGGED"
+                self.console.print(Text(f"{label} {c['name']}: {failure['message']}",
                                         style="red"))
 
     def _verdict_line(self, doc: dict[str, Any]) -> None:
@@ -164,8 +165,12 @@ class TerminalReporter:
         passed = sum(1 for c in doc["classes"] if c["verdict"]["passed"] and c["n"] > 0)
         seconds = doc["timings"]["total_s"]
         parts = []
-        if flagged:
-            parts.append(f"{flagged} class{'es' if flagged != 1 else ''} flagged")
+        unreliable = sum(1 for c in doc["classes"]
+                         if c["verdict"].get("status") == "unreliable")
+        if flagged - unreliable:
+            parts.append(f"{flagged - unreliable} class{'es' if flagged != 1 else ''} flagged")
+        if unreliable:
+            parts.append(f"{unreliable} unreliable")
         parts.append(f"{passed} passed")
         line = f"{', '.join(parts)} in {seconds:.1f}s"
         if doc["partial"]:
@@ -352,3 +357,13 @@ def _ranking_line(doc: dict[str, Any]) -> str:
 def _place(value: float) -> str:
     return f"{value:g}"
 
+
+
+def _norm(config: dict[str, Any]) -> str:
+    return {"l2": "L2"}.get(config.get("norm", "linf"), "L-inf")
+
+
+def _status(verdict: dict[str, Any]) -> str:
+    """The verdict column: passed, FLAGGED or UNRELIABLE (signs of masking remain)."""
+    status = verdict.get("status") or ("passed" if verdict["passed"] else "flagged")
+    return status if status == "passed" else status.upper()
