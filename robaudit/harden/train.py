@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robaudit.attacks import PGD
+from robaudit.attacks import build_attack, example_seed
 from robaudit.attacks.engine import BatchAudit, audit_batch, auto_batch_size
 from robaudit.attacks.losses import margin
-from robaudit.config import ScanConfig
+from robaudit.config import ScanConfig, attack_settings
 from robaudit.data import iter_batches, load_data, select_indices
 from robaudit.harden.reweight import ClassSettings
 from robaudit.metrics import Records, class_stats, summarize
@@ -196,8 +196,7 @@ def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,
     """The scan's PGD (its ε, steps, step size, restarts, per-example seeds) over ``data`` in
     eval mode, batch by batch: ``(index, y, audit)``. ``bias`` is added to the logits."""
     model = module if bias is None else nn.Sequential(module, LogitBias(bias))
-    attack = PGD(scan.eps, steps=scan.steps, step_size=scan.step_size, restarts=scan.restarts,
-                 schedule=scan.schedule, name="pgd")
+    attack = build_attack("pgd", attack_settings(scan, scan.eps))
     was_training = module.training
     module.eval()
     try:
@@ -206,7 +205,7 @@ def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,
             x = data.x[begin:begin + size]
             y = data.y[begin:begin + size]
             idx = data.index[begin:begin + size]
-            seeds = idx.to(torch.int64) + scan.seed * (1 << 32)
+            seeds = example_seed(idx.to(torch.int64), scan.seed)
             yield idx, y, audit_batch(model, [attack], x, y, seeds)
     finally:
         module.train(was_training)
