@@ -47,6 +47,7 @@ clean:
 bench: venv
 	$(PY) -m pip install --quiet torchattacks==3.5.1
 	$(PY) benchmarks/bench_attacks.py
+	$(PY) benchmarks/bench_verdict.py
 
 # The paper's six findings on the bundled examples: runs robaudit's own commands on the shipped
 # models (minutes on 2 cores, no training beyond harden's short fine-tune), rewrites docs/findings.md.
