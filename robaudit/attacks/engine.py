@@ -147,6 +147,12 @@ class Engine:
          self.gains, self._flags, self.target, self.key) = self._l.unbind(1)
         self._counters = self._l[:, 1:3]
 
+    def free_for(self, x: torch.Tensor) -> int:
+        """Free rows for jobs of inputs like ``x`` (the first such call sizes the batch)."""
+        if self._shape is None:
+            self._allocate(x)
+        return self.free
+
     @property
     def free(self) -> int:
         return self.batch_size - self.n
@@ -617,9 +623,7 @@ class EnginePool:
             if not mine:
                 continue
             engine = self.engine(gradient)
-            if engine._shape is None:  # its batch size is chosen from the first job
-                engine._allocate(mine[0].x)
-            free = engine.free
+            free = engine.free_for(mine[0].x)
             engine.add_many(mine[:free])
             left.extend(mine[free:])
         return left
@@ -809,9 +813,8 @@ class _Stream:
         for gradient, queue in self.queues.items():
             if queue:
                 engine = self.pool.engine(gradient)
-                if engine._shape is None:
-                    engine._allocate(queue[0].x)
-                engine.add_many([queue.popleft() for _ in range(min(len(queue), engine.free))])
+                free = engine.free_for(queue[0].x)
+                engine.add_many([queue.popleft() for _ in range(min(len(queue), free))])
 
     def step(self) -> list[ExampleResult]:
         ready = []
