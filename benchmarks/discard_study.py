@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from robaudit.attacks import AttackSettings, build_attacks
-from robaudit.attacks.engine import Engine, stream_audit
+from robaudit.attacks.engine import Engine
 from robaudit.attacks.losses import margin
+from robaudit.attacks.stream import stream_audit
 from robaudit.models import load_model
 
 DIGITS = Path(__file__).resolve().parent.parent / "examples" / "digits"

@@ -6,7 +6,6 @@ goes to an optional callback, problems that do not stop the scan go to ``ScanRes
 
 from __future__ import annotations
 
-import itertools
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -20,14 +19,13 @@ import torch
 
 from robaudit import __version__, distributed
 from robaudit.attacks import Attack, build_attacks
-from robaudit.attacks.engine import DEFAULT_BATCH, EnginePool, ExampleResult, stream_audit
+from robaudit.attacks.jobs import DEFAULT_BATCH
+from robaudit.attacks.stream import EnginePool, ExampleResult, stream_audit
 from robaudit.compare import Figures, check_comparable, read_figures
 from robaudit.config import ScanConfig, attack_settings, describe_attacks, format_eps
 from robaudit.data import DataSource, iter_batches, load_data, select_indices
 from robaudit.errors import (
     ConfigError,
-    DataError,
-    ModelOutputError,
     NothingToAudit,
     UsageError,
 )
@@ -37,9 +35,7 @@ from robaudit.masking import ESCALATION, Escalation, class_signs, survivors, unr
 from robaudit.metrics import ClassStats, Records, Summary, class_stats, confusion, summarize
 from robaudit.models import LoadedModel, load_model, verify_runtime
 from robaudit.recording import merge_columns, record
-
-#: Examples beyond which a single disagreement between torch and onnxruntime is only a warning.
-RUNTIME_AGREEMENT_WARN = 0.01
+from robaudit.sanity import check_outputs, runtime_warnings, sanity_checks
 
 
 @dataclass(frozen=True)
@@ -236,7 +232,7 @@ def _stream(config: ScanConfig, loaded: _Loaded, run: _Attacked,
                 # onnxruntime first: it tells a conversion that fails from data that does not fit.
                 if runtime is not None:
                     run.runtime_diff = verify_runtime(loaded.model, x.cpu())
-                _check_outputs(module, x, len(source.class_names), run.warnings, run.sanity)
+                check_outputs(module, x, len(source.class_names), run.warnings, run.sanity)
             yield x, y, idx
 
     buffered: list[ExampleResult] = []
@@ -331,9 +327,9 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
                      unreliable=run.escalation.unreliable,
                      allow_unreliable=config.allow_unreliable)
     sweep = _sweep(run.records, loaded.eps_list, names) if len(run.records) > 1 else []
-    sanity = run.sanity + _sanity_checks(summary, sweep, config)
-    warnings = run.warnings + _runtime_warnings(summary) + [item["message"] for item in sanity]
-    warnings += _escalation_warnings(run.escalation)
+    sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
+    warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
+    warnings += run.escalation.warnings()
     gallery, partial = {}, run.partial
     if not partial and loaded.ctx.is_main:  # only rank 0 writes reports
         flagged = [v.index for v in verdicts if not v.passed]
@@ -390,17 +386,6 @@ def _model_info(model: LoadedModel, runtime_diff: float | None) -> dict[str, Any
             "runtime_max_abs_diff": runtime_diff}
 
 
-def _escalation_warnings(escalation: Escalation) -> list[str]:
-    if not escalation.ran:
-        return []
-    classes = ", ".join(sorted(escalation.signs))
-    found = [f"escalated: signs of gradient masking in class(es) {classes}; "
-             f"{' and '.join(escalation.attacks)} attacked their {escalation.examples} "
-             "surviving examples"]
-    found += [f"class {name} is unreliable: {why}" for name, why in escalation.unreliable.items()]
-    return found
-
-
 def _read_baseline(path: str) -> Figures:
     try:
         return read_figures(path)
@@ -430,54 +415,6 @@ def _select(source: DataSource, config: ScanConfig) -> np.ndarray:
                           seed=config.seed)
 
 
-def _check_outputs(module: torch.nn.Module, x: torch.Tensor, num_classes: int,
-                   warnings: list[str], sanity: list[dict[str, str]]) -> None:
-    """Refuse outputs that cannot be audited; warn about probabilities (attacks want logits)."""
-    try:
-        with torch.no_grad():
-            out = module(x)
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        # TorchScript's first line only says that something failed; its last line says what.
-        first = (lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]) if lines \
-            else type(e).__name__
-        raise DataError(
-            f"the model cannot run on the data's inputs of shape {tuple(x.shape[1:])}: "
-            f"{first.rstrip('.')}. "
-            "Check --image-size, the channel count, and that the model matches the data set"
-        ) from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelOutputError(
-            f"the model's output has shape {shape}; robaudit needs logits of shape "
-            "(batch, classes). Export the model so it returns one logits tensor"
-        )
-    if out.shape[1] != num_classes:
-        raise ModelOutputError(
-            f"the model outputs {out.shape[1]} classes but the data set has {num_classes}; "
-            "pass the matching data set or --class-names"
-        )
-    if not torch.isfinite(out).all():
-        raise ModelOutputError(
-            "the model's outputs contain NaN or inf on real inputs; check the model and "
-            "the input range (robaudit feeds pixels in [0, 1]: use --mean/--std to normalise)"
-        )
-    with torch.no_grad():
-        again = module(x)
-    if not torch.allclose(out, again, rtol=1e-4, atol=1e-5):
-        sanity.append({"check": "randomised_model", "message": (
-            "two clean passes over the same batch disagree: the model is randomised (dropout "
-            "left on, noise layers), which masks gradients; audit it with an expectation over "
-            "its randomness (EOT) or remove the randomness")})
-    if bool((out >= 0).all()) and torch.allclose(out.sum(dim=1), torch.ones(out.shape[0],
-                                                                             device=out.device),
-                                                 atol=1e-3):
-        sanity.append({"check": "probability_outputs", "message": (
-            "the model's outputs look like probabilities (non-negative rows summing to 1); "
-            "attacks need logits, so robust accuracy may be overestimated: export the model "
-            "without its final softmax")})
-
-
 def _sweep(records: list[Records], eps_list: list[float],
            class_names: list[str]) -> list[dict[str, Any]]:
     """Per-class robust accuracy at each ε of a sweep (robustness-vs-ε curves)."""
@@ -496,43 +433,6 @@ def _sweep(records: list[Records], eps_list: list[float],
                         for s in stats],
         })
     return entries
-
-
-def _sanity_checks(summary: Summary, sweep: list[dict[str, Any]],
-                   config: ScanConfig) -> list[dict[str, str]]:
-    """The signs of gradient masking (Athalye et al. 2018; Croce and Hein 2020)."""
-    found = []
-    for name, share in summary.bad_gradient_share.items():
-        if share > 0.05:
-            found.append({"check": "bad_gradients", "message": (
-                f"{name}: {share:.0%} of attacked examples had zero or non-finite input "
-                "gradients at some step, a sign of gradient masking; robust accuracy may be "
-                "overestimated")})
-    robust = summary.robust_acc
-    if ("fgsm" in robust and "pgd" in robust and config.mode == "each"
-            and robust["fgsm"] < robust["pgd"] - 0.01):
-        found.append({"check": "fgsm_stronger_than_pgd", "message": (
-            f"FGSM ({robust['fgsm']:.1%}) is stronger than PGD ({robust['pgd']:.1%}): a one-step "
-            "attack should never beat many steps unless gradients are masked")})
-    for lower, higher in itertools.pairwise(sweep):
-        low, high = lower["robust_acc"]["worst"], higher["robust_acc"]["worst"]
-        if high > low + 0.01:
-            found.append({"check": "rises_with_eps", "message": (
-                f"robust accuracy rises from {low:.1%} at eps {lower['eps_text']} to {high:.1%} "
-                f"at eps {higher['eps_text']}: a larger ball must not be harder to break, so the "
-                "attack is failing (gradient masking?)")})
-    return found
-
-
-def _runtime_warnings(summary: Summary) -> list[str]:
-    if summary.runtime_robust_acc is None:
-        return []
-    gap = abs(summary.runtime_robust_acc - summary.robust_acc["worst"])
-    if gap <= RUNTIME_AGREEMENT_WARN:
-        return []
-    return [f"onnxruntime confirms a worst-case robust accuracy of "
-            f"{summary.runtime_robust_acc:.1%} against {summary.robust_acc['worst']:.1%} in "
-            "torch: the converted model and the runtime disagree near the decision boundary"]
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -88,7 +88,7 @@ class ScanConfig:
     temperatures: tuple[float, ...] = (0.1, 0.5)
     seed: int = 0
     #: Examples per batch; None: 256, and a larger working batch for small inputs (see
-    #: robaudit.attacks.engine.auto_batch_size).
+    #: robaudit.attacks.jobs.auto_batch_size).
     batch_size: int | None = None
     device: str = "auto"
     #: bf16 autocast for the attack passes (CUDA, or a CPU with bf16 instructions); every break

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from robaudit.attacks.base import Attack, example_seed
-from robaudit.attacks.engine import Job, run_jobs
+from robaudit.attacks.jobs import Job
+from robaudit.attacks.stream import run_jobs
 from robaudit.data import DataSource
 from robaudit.metrics import Records
 

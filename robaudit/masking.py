@@ -54,6 +54,17 @@ class Escalation:
                 "examples": self.examples, "signs": self.signs,
                 "unreliable": self.unreliable}
 
+    def warnings(self) -> list[str]:
+        """What the report's warnings say about it: where it ran and what stayed unreliable."""
+        if not self.ran:
+            return []
+        classes = ", ".join(sorted(self.signs))
+        found = [f"escalated: signs of gradient masking in class(es) {classes}; "
+                 f"{' and '.join(self.attacks)} attacked their {self.examples} "
+                 "surviving examples"]
+        found += [f"class {name} is unreliable: {why}" for name, why in self.unreliable.items()]
+        return found
+
 
 def class_signs(records: Records, class_names: Sequence[str], global_checks: Sequence[str],
                 sweep: Sequence[Records] = (), mode: str = "each") -> dict[str, list[str]]:

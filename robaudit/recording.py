@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from robaudit.attacks.engine import ExampleResult
 from robaudit.attacks.losses import margin
+from robaudit.attacks.stream import ExampleResult
 from robaudit.metrics import Records
 
 Runtime = Callable[[torch.Tensor], torch.Tensor]

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from conftest import Constant, Linear
 
 from robaudit.attacks import AttackSettings, build_attack
-from robaudit.attacks.engine import audit_batch
 from robaudit.attacks.losses import cw_margin, margin, temperature_cross_entropy
 from robaudit.attacks.pgd import PGD
+from robaudit.attacks.stream import audit_batch
 
 EPS = 0.1
 

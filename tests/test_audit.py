@@ -179,13 +179,13 @@ def test_strict_turns_sanity_findings_into_exit_4(tmp_path, capsys):
 def test_fgsm_stronger_than_pgd_and_curves_rising_with_eps_are_flagged():
     import dataclasses
 
-    from robaudit.audit import _sanity_checks
+    from robaudit.sanity import sanity_checks
 
     result = scan(digits_config(attacks=("fgsm", "pgd"), steps=2))
     summary = dataclasses.replace(result.summary,
                                   robust_acc={"fgsm": 0.30, "pgd": 0.50, WORST: 0.30})
     sweep = [{"eps_text": "0.1", "robust_acc": {WORST: 0.4}},
              {"eps_text": "0.2", "robust_acc": {WORST: 0.6}}]
-    checks = [item["check"] for item in _sanity_checks(summary, sweep, result.config)]
+    checks = [item["check"] for item in sanity_checks(summary, sweep, result.config.mode)]
     assert checks == ["fgsm_stronger_than_pgd", "rises_with_eps"]
-    assert _sanity_checks(result.summary, [], result.config) == []
+    assert sanity_checks(result.summary, [], result.config.mode) == []

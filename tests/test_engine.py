@@ -9,8 +9,9 @@ import torch
 from conftest import Linear
 from PIL import Image
 
-from robaudit.attacks.engine import Engine, Job, run_jobs, stream_audit
+from robaudit.attacks.engine import Engine, Job
 from robaudit.attacks.pgd import PGD
+from robaudit.attacks.stream import run_jobs, stream_audit
 from robaudit.gallery import encode_png
 
 
@@ -196,7 +197,7 @@ def test_amp_on_the_example_finds_as_much_and_every_break_is_real_in_fp32(digits
 
 
 def test_without_a_batch_size_small_inputs_get_a_larger_working_batch():
-    from robaudit.attacks.engine import auto_batch_size
+    from robaudit.attacks.jobs import auto_batch_size
 
     assert auto_batch_size(1 * 8 * 8) == 4096  # the example's digits: 2 MiB would be 8192 rows
     assert auto_batch_size(1 * 28 * 28) == 668

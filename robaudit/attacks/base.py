@@ -178,3 +178,16 @@ def counter_uniform(keys: torch.Tensor, counters: torch.Tensor, count: int) -> t
     salt = _hash32((counters[:, None] * count + j) & _M32)
     bits = _hash32((keys[:, None] ^ salt) & _M32)
     return bits.double().div_(float(1 << 32)).float()
+
+
+def checkpoint_table(attacks: Sequence[Attack], device: torch.device) -> tuple[bool, torch.Tensor]:
+    """Whether any of ``attacks`` halves its step size, and per attack (row) and step (column)
+    the steps since the previous checkpoint where that step is one (0 elsewhere)."""
+    halving = [getattr(a, "schedule", None) == "halving" for a in attacks]
+    width = max(a.steps for a in attacks) + 1
+    table = torch.zeros((len(attacks), width), dtype=torch.long)
+    for k, a in enumerate(attacks):
+        if halving[k]:
+            for step in range(a.steps + 1):
+                table[k, step] = a.checkpoint_interval(step) or 0
+    return any(halving), table.to(device)

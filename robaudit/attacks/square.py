@@ -135,6 +135,6 @@ class Square:
     def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor,
                  seeds: torch.Tensor) -> AttackOutcome:
         """Attack ``x`` (labels ``y``); ``seeds`` (one per example) seed the random queries."""
-        from robaudit.attacks.engine import attack_batch
+        from robaudit.attacks.stream import attack_batch
 
         return attack_batch(self, model, x, y, seeds)

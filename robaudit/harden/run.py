@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robaudit.attacks.engine import DEFAULT_BATCH
+from robaudit.attacks.jobs import DEFAULT_BATCH
 from robaudit.audit import ScanResult, resolve_device, scan
 from robaudit.config import ScanConfig
 from robaudit.errors import DataError, ModelOutputError

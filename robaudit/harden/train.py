@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from robaudit.attacks import build_attack, example_seed
-from robaudit.attacks.engine import BatchAudit, audit_batch, auto_batch_size
+from robaudit.attacks.jobs import auto_batch_size
 from robaudit.attacks.losses import margin
+from robaudit.attacks.stream import BatchAudit, audit_batch
 from robaudit.config import ScanConfig, attack_settings
 from robaudit.data import iter_batches, load_data, select_indices
 from robaudit.harden.reweight import ClassSettings
