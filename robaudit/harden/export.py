@@ -30,8 +30,8 @@ from torch import nn
 from robaudit.errors import ConfigError, ModelLoadError
 from robaudit.harden.train import LogitBias
 from robaudit.models import LoadedModel, Normalize
+from robaudit.models.exported import ExportedModule
 from robaudit.models.onnx import FixedBatch, OrtRunner, check_against_runtime
-from robaudit.models.torch_formats import ExportedModule
 from robaudit.reports import atomic_write
 
 ONNX_OPSET = 18
