@@ -69,3 +69,12 @@ class NothingToAudit(RobauditError):
     """The data set is empty after filtering."""
 
     exit_code = ExitCode.NO_DATA
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none).
+
+    For wrapping a library's exception into a one-line message that says what to do.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

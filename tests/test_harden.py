@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,10 +21,12 @@ from robaudit.errors import ConfigError, UsageError
 from robaudit.harden import HardenConfig
 from robaudit.harden.calibrate import _search
 from robaudit.harden.checkpoint import load_checkpoint
+from robaudit.harden.export import write_model
 from robaudit.harden.holdout import hold_out
 from robaudit.harden.reweight import SCHEMES, Feedback, make_scheme
 from robaudit.harden.state import Budget, Candidate, RunState
 from robaudit.harden.train import Validation, load_split
+from robaudit.models import load_model
 
 # Small and quick: 10 examples per class, 3 attack steps, PGD only.
 FAST = ["--per-class", "10", "--steps", "3", "--attacks", "pgd", "--train-steps", "2",
@@ -271,6 +274,24 @@ def test_hold_out_is_stratified_seeded_and_disjoint_from_training():
     again, other = hold_out(data, 0.1, seed=0)[1], hold_out(data, 0.1, seed=1)[1]
     assert torch.equal(again.source_index, val.source_index)
     assert not torch.equal(other.source_index, val.source_index)
+
+
+# --- export --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664)])
+def test_the_hardened_onnx_model_keeps_the_users_umask(tmp_path, umask, mode):
+    # Like every report and checkpoint: a CI artifact other users read, not tempfile's 0600.
+    loaded = load_model(DIGITS / "model.onnx")
+    out = tmp_path / "hardened.onnx"
+    previous = os.umask(umask)
+    try:
+        difference = write_model(loaded, out, torch.rand(4, 1, 8, 8), bias=None)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == mode
+    assert difference is not None and difference < 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == ["hardened.onnx"]  # no temporary left behind
 
 
 # --- the budget ----------------------------------------------------------------------------

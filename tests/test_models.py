@@ -18,7 +18,8 @@ from torch import nn
 
 from robaudit.errors import ConfigError, DataError, ModelLoadError
 from robaudit.models import LoadedModel, Normalize, load_model, verify_runtime
-from robaudit.models.torch_formats import ExportedModule, detect_format
+from robaudit.models.detect import detect_format
+from robaudit.models.exported import ExportedModule
 
 # torch.jit is deprecated in favour of torch.export but TorchScript files still need support.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")

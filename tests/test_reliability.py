@@ -299,6 +299,6 @@ def test_nothing_unpickles_or_evaluates_user_data() -> None:
             if name in ("importlib.import_module", "import_module"):
                 imports.append(f"{rel.as_posix()}:{call.lineno}")
     # The one import of user-named code: --arch package.module:factory, documented as trusted.
-    assert len(imports) == 1 and imports[0].startswith("robaudit/models/torch_formats.py"), imports
+    assert len(imports) == 1 and imports[0].startswith("robaudit/models/arch.py"), imports
     readme = (ROOT / "README.md").read_text()
     assert "--arch package.module:factory` imports and runs that module" in readme

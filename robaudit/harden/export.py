@@ -1,4 +1,4 @@
-"""Write the hardened model in the input's format, written to a temporary file then renamed.
+"""Write the hardened model in the input's format, to a temporary file beside it then renamed.
 
 - ONNX: ``torch.onnx.export`` of the trained converted module (dynamo exporter, opset 18, the
   original input and output names, a dynamic batch axis unless the input graph had a fixed one;
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,9 +29,9 @@ from torch import nn
 from robaudit.errors import ConfigError, ModelLoadError
 from robaudit.harden.train import LogitBias
 from robaudit.models import LoadedModel, Normalize
+from robaudit.models.exported import ExportedModule
 from robaudit.models.onnx import FixedBatch, OrtRunner, check_against_runtime
-from robaudit.models.torch_formats import ExportedModule
-from robaudit.reports import atomic_write
+from robaudit.reports import atomic_write, temporary_beside
 
 ONNX_OPSET = 18
 
@@ -90,10 +89,8 @@ def _write_onnx(core: nn.Module, source: Path, out: Path, x: torch.Tensor,
     final = _with_head(core.module if isinstance(core, FixedBatch) else core, head).eval()
     example = x[:1].expand(fixed, *x.shape[1:]).contiguous() if fixed else x[:2]
     batch = torch.export.Dim("batch", min=1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".onnx")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # The exporters need a file name; the file gets the user's umask mode, as reports do.
+    tmp = temporary_beside(out, ".onnx")
     names = {"input_names": [original.input_name], "output_names": [original.output_name]}
     try:
         try:

@@ -16,9 +16,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from robaudit.errors import ConfigError, ModelLoadError
-from robaudit.models import torch_formats as tf
+from robaudit.errors import ConfigError, ModelLoadError, first_line
+from robaudit.models.arch import build_arch, fit_state_dict
+from robaudit.models.detect import (
+    ONNX,
+    SAFETENSORS,
+    TORCH_EXPORT,
+    TORCH_SAVE,
+    TORCHSCRIPT,
+    detect_format,
+)
+from robaudit.models.exported import load_exported
 from robaudit.models.normalize import Normalize, make_normalize
+from robaudit.models.state_dict import load_state_dict
+from robaudit.models.torchscript import load_torchscript
 
 __all__ = ["LoadedModel", "Normalize", "load_model", "verify_runtime"]
 
@@ -75,10 +86,10 @@ def load_model(
     normalize = make_normalize(mean, std)
     if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    file_format = tf.detect_format(path)
+    file_format = detect_format(path)
 
     runtime: Callable[[torch.Tensor], torch.Tensor] | None = None
-    if file_format in (tf.TORCH_SAVE, tf.SAFETENSORS):
+    if file_format in (TORCH_SAVE, SAFETENSORS):
         model, fmt, detail = _load_state_dict_model(path, file_format, arch, num_classes)
     else:
         if arch is not None or num_classes is not None:
@@ -87,15 +98,15 @@ def load_model(
                 f"{path} is a {_FORMAT_NAMES[file_format]}, which carries its own architecture; "
                 f"drop {option} (it is only for state dicts)"
             )
-        if file_format == tf.ONNX:
+        if file_format == ONNX:
             model, runner, detail = _load_onnx(path)
             runtime = _NormalizedRuntime(runner, normalize)
             fmt = "onnx"
-        elif file_format == tf.TORCH_EXPORT:
-            model, batch = tf.load_exported(path)
+        elif file_format == TORCH_EXPORT:
+            model, batch = load_exported(path)
             fmt, detail = "torch.export", f"torch.export, {batch}"
         else:
-            model, fmt, detail = tf.load_torchscript(path), "torchscript", "TorchScript"
+            model, fmt, detail = load_torchscript(path), "torchscript", "TorchScript"
 
     module: nn.Module = model if normalize is None else nn.Sequential(normalize, model)
     module = _to_device(module, device).eval()
@@ -125,9 +136,9 @@ def verify_runtime(model: LoadedModel, x: torch.Tensor) -> float | None:
 
 
 _FORMAT_NAMES = {
-    tf.ONNX: "ONNX model",
-    tf.TORCH_EXPORT: "torch.export archive",
-    tf.TORCHSCRIPT: "TorchScript archive",
+    ONNX: "ONNX model",
+    TORCH_EXPORT: "torch.export archive",
+    TORCHSCRIPT: "TorchScript archive",
 }
 
 
@@ -136,15 +147,15 @@ def _load_state_dict_model(
 ) -> tuple[nn.Module, str, str]:
     if arch is None:
         # Read the file first so that a pickled module or unsafe pickle gets its own message.
-        state = tf.load_state_dict(path, file_format)
+        state = load_state_dict(path, file_format)
         raise ModelLoadError(
             f"{path} is a state dict ({len(state)} tensors, e.g. {next(iter(state))!r}): weights "
             "without an architecture; pass --arch torchvision:NAME or --arch package.module:factory"
         )
-    model = tf.build_arch(arch, num_classes)
-    state = tf.load_state_dict(path, file_format)
-    tf.fit_state_dict(model, state, arch)
-    source = "safetensors" if file_format == tf.SAFETENSORS else "state dict"
+    model = build_arch(arch, num_classes)
+    state = load_state_dict(path, file_format)
+    fit_state_dict(model, state, arch)
+    source = "safetensors" if file_format == SAFETENSORS else "state dict"
     return model, "state_dict", f"{source} on {arch}"
 
 
@@ -174,10 +185,9 @@ def _to_device(module: nn.Module, device: str | torch.device) -> nn.Module:
     try:
         return module.to(torch.device(device))
     except (RuntimeError, AssertionError, ValueError) as exc:  # torch's ways to say "no device"
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
-            f"cannot put the model on device {str(device)!r} ({message}); choose an available "
-            "device such as 'cpu' or 'cuda:0'"
+            f"cannot put the model on device {str(device)!r} ({first_line(exc)}); choose an "
+            "available device such as 'cpu' or 'cuda:0'"
         ) from exc
 
 

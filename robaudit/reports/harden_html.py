@@ -16,7 +16,8 @@ from typing import Any
 from markupsafe import Markup
 
 from robaudit.reports import atomic_write
-from robaudit.reports.html import WORST, _environment, _short
+from robaudit.reports.html import _environment
+from robaudit.reports.html_charts import WORST, short
 
 BEFORE_COLOUR = "#c3cbd5"
 AFTER_COLOUR = "#4e79a7"
@@ -91,7 +92,7 @@ def _change_bars(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per class, the worst-case robust accuracy before (grey) and after (blue), side by side."""
     width, left, right, top, bottom_pad = 1080, 46, 20, 14, 30
     group = (width - left - right) / max(1, len(rows))
-    rotate = max((len(_short(r["name"])) for r in rows), default=0) * 7 > group * 0.9
+    rotate = max((len(short(r["name"])) for r in rows), default=0) * 7 > group * 0.9
     bottom_pad = 84 if rotate else bottom_pad
     height = 220 + bottom_pad
     plot_h = height - top - bottom_pad
@@ -116,7 +117,7 @@ def _change_bars(rows: list[dict[str, Any]]) -> dict[str, Any]:
                          "title": f"{r['name']} · {'before' if s == 0 else 'after'}: "
                                   f"{v * 100:.1f}%"})
         change = r["change"]
-        groups.append({"name": r["name"], "label": _short(r["name"]),
+        groups.append({"name": r["name"], "label": short(r["name"]),
                        "cx": round(left + (g + 0.5) * group, 1), "bars": bars,
                        "change": "" if change is None else f"{change * 100:+.0f}",
                        "change_y": y(max(r["worst_before"] or 0, r["worst_after"] or 0)) - 4})
