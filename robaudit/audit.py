@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from robaudit import __version__, distributed
-from robaudit.attacks import Attack, build_attacks
+from robaudit.attacks import Attack, build_attack, build_attacks
 from robaudit.attacks.jobs import DEFAULT_BATCH
 from robaudit.attacks.stream import EnginePool, ExampleResult, stream_audit
 from robaudit.compare import Figures, check_comparable, read_figures
@@ -155,7 +155,8 @@ def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
     # Read and check the baseline before anything slow: a mismatch is a usage error.
     baseline = _read_baseline(config.baseline) if config.baseline else None
     if baseline is not None:
-        check_comparable(baseline, eps=config.eps, attacks=config.attacks, audited=None,
+        check_comparable(baseline, eps=config.eps, attacks=(*config.attacks, *config.finish),
+                         audited=None,
                          against="this scan", norm=config.norm)
     report(Progress("loading data", 0, 0))
     source = load_data(
@@ -165,7 +166,7 @@ def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
     indices = _select(source, config)
     if baseline is not None:
         audited = sorted(set(np.asarray(source.targets)[indices].tolist()))
-        check_comparable(baseline, eps=config.eps, attacks=config.attacks,
+        check_comparable(baseline, eps=config.eps, attacks=(*config.attacks, *config.finish),
                          audited=[source.class_names[t] for t in audited], against="this scan",
                          norm=config.norm)
     report(Progress("loading model", 0, len(indices)))
@@ -212,6 +213,7 @@ def _attack(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], No
     run.records = [distributed.gather(rec, ctx, failure) for rec in run.records]
     run.partial = distributed.any_partial(run.partial, ctx)
     if not run.partial and len(run.records[loaded.gate_e]):
+        _finish(config, loaded, run, report)
         _escalate(config, loaded, run, report)
     run.seconds = time.perf_counter() - started
     return run
@@ -257,6 +259,24 @@ def _stream(config: ScanConfig, loaded: _Loaded, run: _Attacked,
         flush()  # on Ctrl-C too: the examples completed before it count
 
 
+def _finish(config: ScanConfig, loaded: _Loaded, run: _Attacked,
+            report: Callable[[Progress], None]) -> None:
+    """The finish attacks, at every ε, on the examples of every class that no attack broke."""
+    if not config.finish:
+        return
+    names = loaded.source.class_names
+    module = loaded.model.module
+    module.eval()
+    try:
+        for e, rec in enumerate(run.records):
+            attacks = build_attacks(config.finish, attack_settings(config, loaded.eps_list[e]))
+            _on_survivors(config, loaded, run, e, rec, names, attacks, "finishing", report)
+    except KeyboardInterrupt:
+        run.partial = True  # the figures before the finish stand; they are marked partial
+    finally:
+        module.train(False)
+
+
 def _escalate(config: ScanConfig, loaded: _Loaded, run: _Attacked,
               report: Callable[[Progress], None]) -> None:
     """Where the figures show signs of masking, attack the survivors of the classes concerned
@@ -266,7 +286,8 @@ def _escalate(config: ScanConfig, loaded: _Loaded, run: _Attacked,
     gate = run.records[loaded.gate_e]
     signs = class_signs(gate, names, [item["check"] for item in run.sanity],
                         sweep=run.records if len(run.records) > 1 else (), mode=config.mode)
-    extra = [a for a in ESCALATION if a not in config.attacks] if config.escalate else []
+    extra = [a for a in ESCALATION if a not in (*config.attacks, *config.finish)
+             ] if config.escalate else []
     escalation = Escalation(signs=signs)
     if signs and extra:
         escalation.attacks = tuple(extra)
@@ -292,12 +313,20 @@ def _escalate_at(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, re
                  report: Callable[[Progress], None]) -> int:
     settings = replace(attack_settings(config, loaded.eps_list[e]),
                        queries=config.escalation_queries)
-    attacks = build_attacks(extra, settings)
+    return _on_survivors(config, loaded, run, e, rec, classes, build_attacks(extra, settings),
+                         "escalating", report)
+
+
+def _on_survivors(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, rec: Records,
+                  classes: Sequence[str], attacks: list[Attack], stage: str,
+                  report: Callable[[Progress], None]) -> int:
+    """``attacks`` in turn on the examples of ``classes`` that every attack so far left robust
+    at the ``e``-th ε; their columns join ``rec``. Returns how many examples they attacked."""
     targets = survivors(rec, loaded.source.class_names, classes)
     mine = distributed.shard(targets, loaded.ctx)
     data_batch = config.batch_size or DEFAULT_BATCH
     runtime = loaded.model.runtime if config.runtime_check and e == loaded.gate_e else None
-    found = Records(attack_names=list(extra))
+    found = Records(attack_names=[a.name for a in attacks])
     batches = ((x.to(loaded.device), y.to(loaded.device), idx)
                for x, y, idx in iter_batches(loaded.source, mine, data_batch))
     done = 0
@@ -306,7 +335,7 @@ def _escalate_at(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, re
                                  worst_case=True, engine=run.pool):
         record(found, finished, 0, runtime)
         done += len(finished)
-        report(Progress("escalating", done, len(mine)))
+        report(Progress(stage, done, len(mine)))
     merge_columns(rec, distributed.gather(found, loaded.ctx))
     return len(targets)
 
@@ -335,7 +364,7 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
         flagged = [v.index for v in verdicts if not v.passed]
         try:
             gallery = make_gallery(loaded.model.module, loaded.source, main, flagged,
-                                   _gate_attacks(config, loaded, run.escalation),
+                                   _gate_attacks(config, loaded, main.attack_names),
                                    seed=config.seed, device=loaded.device)
         except KeyboardInterrupt:  # every figure is in: keep them, only the pictures are lost
             partial = True
@@ -375,10 +404,15 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
     )
 
 
-def _gate_attacks(config: ScanConfig, loaded: _Loaded, escalation: Escalation) -> list[Attack]:
-    """Every attack that ran at the gate's ε, escalation's with its own budget."""
-    settings = replace(attack_settings(config, config.eps), queries=config.escalation_queries)
-    return [*loaded.attack_sets[loaded.gate_e], *build_attacks(escalation.attacks, settings)]
+def _gate_attacks(config: ScanConfig, loaded: _Loaded, ran: Sequence[str]) -> list[Attack]:
+    """Every attack that ran at the gate's ε: the scan's, the finish's, and escalation's with
+    its own query budget."""
+    settings = attack_settings(config, config.eps)
+    escalation = replace(settings, queries=config.escalation_queries)
+    later = [name for name in ran if name not in config.attacks]
+    return [*loaded.attack_sets[loaded.gate_e],
+            *(build_attack(name, settings if name in config.finish else escalation)
+              for name in later)]
 
 
 def _model_info(model: LoadedModel, runtime_diff: float | None) -> dict[str, Any]:

@@ -97,17 +97,21 @@ SETTINGS = [
     _setting("--runtime-check/--no-runtime-check", default=None,
              help="Check an ONNX model's conversion and adversarial examples against "
              "onnxruntime.  [default: on]"),
-    _setting("--attacks", help="A preset (fast: pgd,tpgd; standard: AutoAttack's apgd-ce, "
-             "apgd-t, square, each on the previous ones' survivors) or comma-separated names: "
-             "fgsm, pgd, tpgd, cw, dlr, dlr-t, ce-t, apgd-ce, apgd-t, square (harden: of the "
-             "before/after scans).  [default: pgd,tpgd]"),
+    _setting("--attacks", help="A preset (fast: pgd,tpgd, then the --finish; standard: "
+             "AutoAttack's apgd-ce, apgd-t, square, each on the previous ones' survivors) or "
+             "comma-separated names: fgsm, pgd, tpgd, cw, dlr, dlr-t, ce-t, apgd-ce, apgd-t, "
+             "square (harden: of the before/after scans).  [default: pgd,tpgd]"),
     _setting("--norm", type=click.Choice(["linf", "l2"]),
              help="Threat model: the L-inf or the L2 ball of radius --eps, in pixel units.  "
              "[default: linf]"),
     _setting("--queries", type=int, scan_only=True,
              help="Square's queries per example.  [default: 5000, AutoAttack's]"),
+    _setting("--finish", help="Attacks run after --attacks on the examples none of them broke, "
+             "at every eps; none to skip.  [default: dlr-t, targeted DLR; none with the "
+             "standard preset]"),
     _setting("--targets", type=int, scan_only=True,
-             help="Target classes of the targeted attacks (dlr-t, ce-t, apgd-t).  [default: 9]"),
+             help="Target classes of the targeted attacks, the most likely wrong ones.  "
+             "[default: 5 for dlr-t and ce-t, 9 (AutoAttack's) for apgd-t]"),
     _setting("--escalate/--no-escalate", scan_only=True, default=None,
              help="Where the sanity checks see gradient masking, run DLR and Square on the "
              "survivors of the classes concerned.  [default: on]"),

@@ -59,7 +59,8 @@ class Figures:
             path=str(path),
             created=doc.get("created", ""),
             eps=float(config["eps"]),
-            attacks=tuple(config["attacks"]),
+            # The finish's columns are part of the worst case (reports before it had none).
+            attacks=(*config["attacks"], *config.get("finish", ())),
             audited=tuple(c["name"] for c in doc["classes"] if c["n"] > 0),
             robust=robust,
             strength={k: config.get(k) for k in _STRENGTH},

@@ -62,8 +62,14 @@ class ScanConfig:
     norm: str = "linf"
     #: Square's queries per example (AutoAttack's 5000 when Square is among the attacks).
     queries: int = 5000
-    #: Targeted attacks' target classes (the most likely wrong ones; AutoAttack's 9).
-    targets: int = 9
+    #: Targeted attacks' target classes (the most likely wrong ones). None: AutoAttack's 9 for
+    #: apgd-t, 5 for dlr-t and ce-t (see robaudit.attacks).
+    targets: int | None = None
+    #: Attacks that run after ``attacks``, on the examples none of them broke, at every ε (their
+    #: columns are cumulative, as in worst-case mode). The targeted DLR finish closes the gap
+    #: to AutoAttack that PGD and T-PGD leave under L2 (benchmarks/RESULTS.md). ``none``: no
+    #: finish; the ``standard`` preset has none (APGD-T is in it).
+    finish: tuple[str, ...] = ("dlr-t",)
     #: Where the sanity checks see signs of gradient masking, run the scale-invariant DLR loss
     #: and the gradient-free Square on the survivors of the classes concerned.
     escalate: bool = True
@@ -124,6 +130,12 @@ class ScanConfig:
             object.__setattr__(self, "attacks", PRESETS[preset])
             if preset == "standard":
                 object.__setattr__(self, "mode", "worst-case")
+                object.__setattr__(self, "finish", ())
+        if tuple(self.finish) in (("none",), ("",)):
+            object.__setattr__(self, "finish", ())
+        # An attack the scan runs anyway is not run again as its finish.
+        object.__setattr__(self, "finish",
+                           tuple(a for a in self.finish if a not in self.attacks))
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,8 +237,6 @@ def coerce_value(name: str, value: Any) -> Any:
 
 def validate(config: ScanConfig) -> None:
     """ConfigError naming the first setting that is out of range (its ``key`` says which)."""
-    from robaudit.attacks import AttackSettings, build_attack
-
     def check(key: str, ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(message, key=key)
@@ -252,7 +262,8 @@ def validate(config: ScanConfig) -> None:
     check("queries", config.queries >= 1, f"queries must be at least 1, got {config.queries}")
     check("escalation_queries", config.escalation_queries >= 1,
           f"escalation_queries must be at least 1, got {config.escalation_queries}")
-    check("targets", config.targets >= 1, f"targets must be at least 1, got {config.targets}")
+    check("targets", config.targets is None or config.targets >= 1,
+          f"targets must be at least 1, got {config.targets}")
     check("batch_size", config.batch_size is None or 1 <= config.batch_size <= MAX_BATCH_SIZE,
           f"batch_size must be between 1 and {MAX_BATCH_SIZE:,}, got {config.batch_size}")
     # Negative seeds are refused by numpy's generator, which samples the data.
@@ -279,15 +290,7 @@ def validate(config: ScanConfig) -> None:
           f"min_ratio must be in (0, 1], got {config.min_ratio}")
     check("device", bool(DEVICES.match(config.device)),
           f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
-    check("attacks", bool(config.attacks), "attacks must name at least one attack")
-    check("attacks", len(set(config.attacks)) == len(config.attacks),
-          f"attacks lists an attack twice: {','.join(config.attacks)}")
-    settings = AttackSettings(config.eps)
-    for name in config.attacks:
-        try:
-            build_attack(name, settings)  # raises with a suggestion for an unknown name
-        except ConfigError as e:
-            raise ConfigError(str(e), key="attacks") from None
+    _check_attacks(config, check)
     check("gate_on", config.gate_on in ("worst", *config.attacks),
           f"gate_on must be 'worst' or one of the attacks run ({', '.join(config.attacks)}), "
           f"got {config.gate_on!r}")
@@ -310,18 +313,20 @@ def attack_settings(config: ScanConfig, eps: float) -> AttackSettings:
 
 
 def describe_attacks(config: ScanConfig, names: Sequence[str]) -> list[dict[str, Any]]:
-    """Each attack as it ran at the gate's ε (escalation's with its own query budget): for the
-    reports."""
+    """Each attack as it ran at the gate's ε (escalation's with its own query budget), and in
+    which stage (``scan``, ``finish`` or ``escalation``): for the reports."""
     from robaudit.attacks import ATTACKS, build_attack
 
     settings = attack_settings(config, config.eps)
     described = []
     for name in names:
-        escalated = name not in config.attacks
-        queries = config.escalation_queries if escalated else config.queries
+        stage = ("scan" if name in config.attacks else "finish" if name in config.finish
+                 else "escalation")
+        queries = config.escalation_queries if stage == "escalation" else config.queries
         attack = build_attack(name, dataclasses.replace(settings, queries=queries))
         entry: dict[str, Any] = {"name": name, "description": ATTACKS[name][1],
-                                 "eps": config.eps, "norm": config.norm, "escalation": escalated}
+                                 "eps": config.eps, "norm": config.norm, "stage": stage,
+                                 "escalation": stage == "escalation"}
         if attack.uses_gradient:
             entry.update(steps=attack.steps, step_size=attack.initial_step_size,
                          restarts=attack.restarts, schedule=attack.schedule)
@@ -334,6 +339,20 @@ def describe_attacks(config: ScanConfig, names: Sequence[str]) -> list[dict[str,
             entry["temperatures"] = list(config.temperatures)
         described.append(entry)
     return described
+
+
+def _check_attacks(config: ScanConfig, check: Callable[[str, bool, str], None]) -> None:
+    from robaudit.attacks import AttackSettings, build_attack
+
+    check("attacks", bool(config.attacks), "attacks must name at least one attack")
+    for key in ("attacks", "finish"):
+        names = getattr(config, key)
+        check(key, len(set(names)) == len(names), f"{key} lists an attack twice: {','.join(names)}")
+        for name in names:
+            try:
+                build_attack(name, AttackSettings(config.eps))  # suggests for an unknown name
+            except ConfigError as e:
+                raise ConfigError(str(e), key=key) from None
 
 
 def _check_normalisation(config: ScanConfig, check: Callable[[str, bool, str], None]) -> None:

@@ -81,6 +81,9 @@ class Records:
     #: Predictions of the deployed runtime (onnxruntime) on each attack's adversarial example.
     runtime_pred: dict[str, list[np.ndarray]] = field(default_factory=dict)
     runtime_clean_pred: list[np.ndarray] = field(default_factory=list)
+    #: Columns that ran only on earlier attacks' survivors and carry the others' results (the
+    #: finish, escalation): cumulative, so not ranked against the others.
+    carried: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(sum(len(part) for part in self.y))
@@ -226,7 +229,8 @@ def summarize(records: Records, stats: Sequence[ClassStats]) -> Summary:
         best_class_robust=float(worst_acc[best_i]),
         gap=float(worst_acc[best_i] - worst_acc[worst_i]),
         std=float(worst_acc.std()),
-        rank_correlation=_rank_correlations(records.attack_names, present),
+        rank_correlation=_rank_correlations(
+            [a for a in records.attack_names if a not in records.carried], present),
         gain_split=_gain_split(records.attack_names, present),
         runtime_clean_acc=(
             None if len(runtime_clean) == 0 else _mean(runtime_clean.astype(np.int64) == y)

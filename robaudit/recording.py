@@ -87,3 +87,4 @@ def merge_columns(records: Records, extra: Records) -> None:
             runtime = np.stack([records.array("runtime_pred", a) for a in records.attack_names])
             records.runtime_pred[name] = column("runtime_pred", runtime[carried, rows], name)
     records.attack_names.extend(extra.attack_names)
+    records.carried.extend(extra.attack_names)

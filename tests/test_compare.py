@@ -82,7 +82,7 @@ def test_significance_spares_a_drop_within_the_interval(report):
 
 @pytest.mark.parametrize("change, named", [
     (lambda d: d["config"].update(eps=0.1), "eps (baseline 0.2, "),
-    (lambda d: d["config"].update(attacks=["pgd"]), "attacks (baseline pgd,tpgd, "),
+    (lambda d: d["config"].update(attacks=["pgd"]), "attacks (baseline pgd,tpgd,dlr-t, "),
     (lambda d: d["classes"][8].update(n=0), "classes (only in the baseline: 8)"),
 ])
 def test_reports_of_different_settings_are_a_usage_error(report, tmp_path, capsys, change,

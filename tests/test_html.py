@@ -386,12 +386,13 @@ def test_example_report_in_chromium(browser: Chromium, digits_doc: dict[str, Any
     for c in digits_doc["classes"]:
         worst = c["robust"]["worst"]["acc"]
         assert f"{worst * 100:.1f}%" in page.text
-    # The ORT column (ONNX), the charts and one heatmap per figure.
+    # The ORT column (ONNX), the charts (clean, pgd, tpgd, the dlr-t finish and the worst case
+    # per class) and one heatmap per figure.
     assert "ORT" in page.text
-    assert browser.evaluate(page, "document.querySelectorAll('#bars rect.bar').length") == 40
+    assert browser.evaluate(page, "document.querySelectorAll('#bars rect.bar').length") == 50
     assert browser.evaluate(page, "document.querySelectorAll('#heat-1-svg rect.cell').length") \
         == 100
-    assert browser.evaluate(page, "document.querySelectorAll('[role=tab]').length") == 3
+    assert browser.evaluate(page, "document.querySelectorAll('[role=tab]').length") == 4
     shot = tmp_path / "report.png"
     browser.screenshot(page, shot)
     assert shot.stat().st_size > 20_000
@@ -424,9 +425,9 @@ def test_the_table_sorts_by_any_column(browser: Chromium, digits_doc: dict[str, 
     assert sorted(first) == sorted(digits_doc["verdict"]["flagged"])
     # The confusion tabs switch between the worst case and each attack.
     shown = "[...document.querySelectorAll('[role=tabpanel]')].map(p => !p.hidden)"
-    assert browser.evaluate(page, shown) == [True, False, False]
+    assert browser.evaluate(page, shown) == [True, False, False, False]
     browser.evaluate(page, "document.querySelectorAll('[role=tab]')[1].click()")
-    assert browser.evaluate(page, shown) == [False, True, False]
+    assert browser.evaluate(page, shown) == [False, True, False, False]
     assert page.errors == [] and browser.evaluate(page, "window.__dialogs") == []
 
 

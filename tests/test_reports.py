@@ -45,12 +45,16 @@ def test_json_round_trips_and_carries_provenance(hostile_doc, tmp_path):
     assert doc["environment"]["torch"] and doc["environment"]["robaudit"]
     assert doc["environment"]["working_batch"] == 4096  # no --batch-size, 8x8 inputs
     assert doc["config"]["eps"] == 0.2 and doc["config"]["eps_text"] == "0.2"
-    assert {a["name"] for a in doc["attacks"]} == {"pgd", "tpgd"}
+    assert [(a["name"], a["stage"]) for a in doc["attacks"]] == [
+        ("pgd", "scan"), ("tpgd", "scan"), ("dlr-t", "finish")]
+    assert doc["attacks"][2]["targets"] == 5
     assert sum(c["n"] for c in doc["classes"]) == doc["data"]["audited"] == 80
     for c in doc["classes"]:
         worst = c["robust"]["worst"]
         assert worst["correct"] <= min(c["robust"]["pgd"]["correct"],
                                        c["robust"]["tpgd"]["correct"])
+        # The finish ran on the survivors of both: its column is the worst case.
+        assert c["robust"]["dlr-t"]["correct"] == worst["correct"]
         assert worst["ci95"][0] <= worst["acc"] <= worst["ci95"][1]
         assert sum(c["confusion_row"]) == c["clean"]["correct"] - worst["correct"]
     assert len(doc["confusion"]["pgd"]) == 10
@@ -71,7 +75,8 @@ def test_junit_is_valid_against_the_junit_schema(hostile_doc):
     SCHEMA.validate(xml.decode("utf-8"))
     root = ET.fromstring(xml)
     suites = root.findall("testsuite")
-    assert [s.get("name") for s in suites] == ["robaudit.pgd", "robaudit.tpgd", "robaudit.worst"]
+    assert [s.get("name") for s in suites] == ["robaudit.pgd", "robaudit.tpgd", "robaudit.dlr-t",
+                                               "robaudit.worst"]
     for suite in suites:
         cases = suite.findall("testcase")
         assert len(cases) == 10 == int(suite.get("tests"))

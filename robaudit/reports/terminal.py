@@ -20,6 +20,20 @@ from rich.text import Text
 from robaudit.metrics import WORST
 
 
+def _attack_label(attack: dict[str, Any]) -> str:
+    """``tpgd (T=0.1,0.5)``, ``then dlr-t (5 targets)``, ``escalation square (1000 queries)``."""
+    details = []
+    if "temperatures" in attack:
+        details.append(f"T={','.join(f'{t:g}' for t in attack['temperatures'])}")
+    if "targets" in attack:
+        details.append(f"{attack['targets']} targets")
+    if "queries" in attack:
+        details.append(f"{attack['queries']} queries")
+    stage = attack.get("stage", "scan")
+    prefix = {"finish": "then ", "escalation": "escalation "}.get(stage, "")
+    return prefix + attack["name"] + (f" ({', '.join(details)})" if details else "")
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -78,11 +92,7 @@ class TerminalReporter:
 
     def _header(self, doc: dict[str, Any]) -> None:
         config, env = doc["config"], doc["environment"]
-        attacks = ", ".join(
-            a["name"] + (f" (T={','.join(f'{t:g}' for t in a['temperatures'])})"
-                         if "temperatures" in a else "")
-            for a in doc["attacks"]
-        )
+        attacks = ", ".join(_attack_label(a) for a in doc["attacks"])
         self.console.rule(Text("robaudit scan", style="bold"), characters="=")
         for label, value in (
             ("model", doc["model"]["description"]),
