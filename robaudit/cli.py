@@ -199,6 +199,10 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
         # Under torchrun the other ranks attack their shards and stay silent: rank 0 reports.
         return exit_code(run_scan(config))
     reporter = _reporter_for(config.json, config.junit, config.html, verbose=verbose, quiet=quiet)
+    if config.html:
+        from robaudit.reports.html import load_templates, write_html
+
+        load_templates()  # before the scan: after a Ctrl-C the page is only rendered
     with reporter.progress() as progress:
         result = run_scan(config, progress=progress)
     doc = to_dict(result)
@@ -207,8 +211,6 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
     if config.junit:
         write_junit(config.junit, doc)
     if config.html:
-        from robaudit.reports.html import write_html
-
         write_html(config.html, doc)
     reporter.render(doc)
     if result.baseline is not None and config.max_drop is not None:
