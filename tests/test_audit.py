@@ -217,8 +217,9 @@ def test_after_an_interrupt_no_attack_work_runs(monkeypatch):
 
 
 def test_an_interrupt_while_onnxruntime_checks_records_each_finished_example_once(monkeypatch):
-    import robaudit.audit
     from conftest import DIGITS
+
+    import robaudit.audit
 
     load_model = robaudit.audit.load_model
     calls = []
