@@ -34,7 +34,7 @@ from robaudit.gate import Verdict, judge
 from robaudit.masking import ESCALATION, Escalation, class_signs, survivors, unreliable_classes
 from robaudit.metrics import ClassStats, Records, Summary, class_stats, confusion, summarize
 from robaudit.models import LoadedModel, load_model, verify_runtime
-from robaudit.recording import merge_columns, record
+from robaudit.recording import extend, merge_columns, outcomes, record
 from robaudit.sanity import check_outputs, runtime_warnings, sanity_checks
 
 
@@ -240,8 +240,12 @@ def _stream(config: ScanConfig, loaded: _Loaded, run: _Attacked,
     buffered: list[ExampleResult] = []
 
     def flush() -> None:
-        for e, rec in enumerate(run.records):
-            record(rec, buffered, e, runtime if e == loaded.gate_e else None)
+        # Every ε's columns before any append: a Ctrl-C during onnxruntime's check leaves the
+        # batch unrecorded, and the flush in ``finally`` records it once.
+        parts = [outcomes(rec.attack_names, buffered, e, runtime if e == loaded.gate_e else None)
+                 for e, rec in enumerate(run.records)]
+        for rec, part in zip(run.records, parts, strict=True):
+            extend(rec, part)
         buffered.clear()
 
     done = 0

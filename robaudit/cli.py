@@ -7,13 +7,14 @@ answers at once.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -202,6 +203,10 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
         # Under torchrun the other ranks attack their shards and stay silent: rank 0 reports.
         return exit_code(run_scan(config))
     reporter = _reporter_for(config.json, config.junit, config.html, verbose=verbose, quiet=quiet)
+    if config.html:
+        from robaudit.reports.html import load_templates, write_html
+
+        load_templates()  # before the scan: after a Ctrl-C the page is only rendered
     with reporter.progress() as progress:
         result = run_scan(config, progress=progress)
     doc = to_dict(result)
@@ -210,8 +215,6 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
     if config.junit:
         write_junit(config.junit, doc)
     if config.html:
-        from robaudit.reports.html import write_html
-
         write_html(config.html, doc)
     reporter.render(doc)
     if result.baseline is not None and config.max_drop is not None:
@@ -407,8 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         e.show()
         return ExitCode.USAGE_ERROR
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("robaudit: interrupted before the scan had a result; any report already "
-                   "written is complete, the others were not written", err=True)
+        # Before the scan had a result, or a second signal while the reports were written.
+        click.echo("robaudit: interrupted; any report already written is complete, the others "
+                   "were not written", err=True)
         return ExitCode.INTERRUPTED
     except RobauditError as e:
         click.secho(f"error: {e}", err=True, fg="red", bold=True)
@@ -430,4 +434,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    code = main()
+    if code == ExitCode.INTERRUPTED:
+        _exit_now(code)
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's teardown.
+
+    After Ctrl-C or SIGTERM the reports are written and someone is waiting for the exit; tearing
+    down the modules torch, onnx and onnxruntime import takes a second of CPU, five to seven
+    seconds of wall time on a loaded 2-core machine (benchmarks/RESULTS.md, issue 14). Nothing
+    is left to clean up: reports are renamed into place as they are written; only buffered
+    output needs flushing.
+    """
+    import contextlib
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing can reach it
+            stream.flush()
+    os._exit(code)

@@ -18,34 +18,56 @@ Runtime = Callable[[torch.Tensor], torch.Tensor]
 def record(records: Records, examples: list[ExampleResult], e: int,
            runtime: Runtime | None) -> None:
     """Append finished examples' outcomes at the ``e``-th ε to ``records``."""
+    extend(records, outcomes(records.attack_names, examples, e, runtime))
+
+
+def outcomes(attack_names: Sequence[str], examples: list[ExampleResult], e: int,
+             runtime: Runtime | None) -> Records:
+    """Finished examples' outcomes at the ``e``-th ε, as records of their own.
+
+    Computed apart and appended with :func:`extend`: a Ctrl-C, which Python raises when
+    onnxruntime or torch hands back control, then finds ``records`` with the whole batch or
+    none of it, never some columns longer than others.
+    """
+    part = Records(attack_names=list(attack_names))
     if not examples:
-        return
+        return part
     y = torch.tensor([ex.y for ex in examples])
     clean = torch.stack([ex.clean_logits.float().cpu() for ex in examples])
-    records.index.append(np.array([ex.index for ex in examples], dtype=np.int64))
-    records.y.append(y.numpy())
-    records.clean_pred.append(clean.argmax(dim=1).numpy())
-    records.clean_margin.append(margin(clean, y).numpy())
+    part.index.append(np.array([ex.index for ex in examples], dtype=np.int64))
+    part.y.append(y.numpy())
+    part.clean_pred.append(clean.argmax(dim=1).numpy())
+    part.clean_margin.append(margin(clean, y).numpy())
     adv_x: dict[str, torch.Tensor] = {}
-    for name in records.attack_names:
+    for name in part.attack_names:
         results = [ex.outcomes[(e, name)] for ex in examples]
         logits = torch.stack([clean[i] if r is None else r.logits.float().cpu()
                               for i, r in enumerate(results)])
-        records.adv_pred.setdefault(name, []).append(logits.argmax(dim=1).numpy())
-        records.adv_margin.setdefault(name, []).append(margin(logits, y).numpy())
-        records.forwards.setdefault(name, []).append(
-            np.array([0 if r is None else r.forwards for r in results], dtype=np.int64))
-        records.bad_gradient.setdefault(name, []).append(
-            np.array([False if r is None else r.bad_gradient for r in results]))
+        part.adv_pred[name] = [logits.argmax(dim=1).numpy()]
+        part.adv_margin[name] = [margin(logits, y).numpy()]
+        part.forwards[name] = [
+            np.array([0 if r is None else r.forwards for r in results], dtype=np.int64)]
+        part.bad_gradient[name] = [
+            np.array([False if r is None else r.bad_gradient for r in results])]
         if runtime is not None:
             adv_x[name] = torch.stack([ex.x.cpu() if r is None else r.x_adv.cpu()
                                        for ex, r in zip(examples, results, strict=True)])
     if runtime is not None:
         # The deployed runtime sees the same adversarial inputs: does it agree they break?
         xs = torch.stack([ex.x.cpu() for ex in examples])
-        records.runtime_clean_pred.append(runtime(xs).argmax(dim=1).numpy())
+        part.runtime_clean_pred.append(runtime(xs).argmax(dim=1).numpy())
         for name, x_adv in adv_x.items():
-            records.runtime_pred.setdefault(name, []).append(runtime(x_adv).argmax(dim=1).numpy())
+            part.runtime_pred[name] = [runtime(x_adv).argmax(dim=1).numpy()]
+    return part
+
+
+def extend(records: Records, part: Records) -> None:
+    """Append ``part``'s columns (from :func:`outcomes`) to ``records``: list appends only."""
+    for name in ("index", "y", "clean_pred", "clean_margin", "runtime_clean_pred"):
+        getattr(records, name).extend(getattr(part, name))
+    for name in ("adv_pred", "adv_margin", "forwards", "bad_gradient", "runtime_pred"):
+        for attack, values in getattr(part, name).items():
+            getattr(records, name).setdefault(attack, []).extend(values)
 
 
 def strongest(records: Records, attacks: Sequence[str]) -> np.ndarray:

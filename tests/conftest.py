@@ -1,6 +1,14 @@
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -42,3 +50,60 @@ class Constant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits.expand(x.shape[0], -1) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+@dataclass
+class Interrupted:
+    """What :func:`interrupt_scan` saw: the exit code and output, the seconds from the start to
+    the first progress line, and from the signal to the exit."""
+
+    code: int
+    out: str
+    err: str
+    startup_s: float
+    exit_s: float
+
+
+#: Only against a hang: a busy machine is slow, never this slow.
+HANG_S = 900
+
+
+def interrupt_scan(args: list[str], sig: signal.Signals, cwd: Path) -> Interrupted:
+    """Run ``python -m robaudit ARGS -v`` and send ``sig`` once it reports attacked examples.
+
+    Off a TTY, -v logs a progress line whenever examples finish, so the signal arrives while the
+    scan attacks however slow the machine is: no deadline decides when to send it.
+    """
+    started = time.monotonic()
+    with open(cwd / "stdout.txt", "w+") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "robaudit", *args, "-v"], stdout=out,
+                                stderr=subprocess.PIPE, text=True, cwd=cwd,
+                                env={**os.environ, "CI": "true"})
+        assert proc.stderr is not None
+        lines: list[str] = []
+        attacking = threading.Event()
+
+        def read(stream: IO[str]) -> None:
+            for line in stream:  # drained to the end: a full pipe would stall the scan
+                lines.append(line)
+                if line.startswith("robaudit: attacking "):
+                    attacking.set()
+            attacking.set()  # the scan ended without attacking: the asserts will say so
+
+        reader = threading.Thread(target=read, args=(proc.stderr,), daemon=True)
+        reader.start()
+        try:
+            if not attacking.wait(HANG_S):
+                raise AssertionError(f"no progress within {HANG_S} s:\n{''.join(lines)}")
+            sent = time.monotonic()
+            proc.send_signal(sig)
+            proc.wait(HANG_S)
+            exited = time.monotonic()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        reader.join(HANG_S)
+        out.seek(0)
+        return Interrupted(proc.returncode, out.read(), "".join(lines), sent - started,
+                           exited - sent)

@@ -189,3 +189,58 @@ def test_fgsm_stronger_than_pgd_and_curves_rising_with_eps_are_flagged():
     checks = [item["check"] for item in sanity_checks(summary, sweep, result.config.mode)]
     assert checks == ["fgsm_stronger_than_pgd", "rises_with_eps"]
     assert sanity_checks(result.summary, [], result.config.mode) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C lands where a scan spends its time: in an engine step, or while onnxruntime checks the
+# examples that finished. tests/test_cli.py and tests/test_reliability.py send real signals.
+
+
+def test_after_an_interrupt_no_attack_work_runs(monkeypatch):
+    from robaudit.attacks.engine import Engine
+
+    steps = []
+    step = Engine.step
+
+    def step_until_interrupted(self):
+        steps.append(self)
+        if len(steps) == 40:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Engine, "step", step_until_interrupted)
+    result = scan(digits_config(per_class=None, batch_size=8, min_class_robust=0.4))
+    # Not one step after the interrupted one: no attack, no escalation, no gallery.
+    assert len(steps) == 40
+    assert result.partial and 0 < result.data["audited"] < 540
+    assert result.flagged and result.gallery == {}  # a whole scan attacks these examples again
+
+
+def test_an_interrupt_while_onnxruntime_checks_records_each_finished_example_once(monkeypatch):
+    from conftest import DIGITS
+
+    import robaudit.audit
+
+    load_model = robaudit.audit.load_model
+    calls = []
+
+    def load_interrupted_model(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        runtime = model.runtime
+
+        def interrupted_runtime(x):
+            calls.append(len(x))
+            # 1: the conversion check; 2-4: the first batch's clean and two attacks' inputs.
+            if len(calls) == 3:
+                raise KeyboardInterrupt  # what Python raises when onnxruntime returns
+            return runtime(x)
+
+        model.runtime = interrupted_runtime
+        return model
+
+    monkeypatch.setattr(robaudit.audit, "load_model", load_interrupted_model)
+    result = scan(digits_config(model=str(DIGITS / "model.onnx"), per_class=None, batch_size=8))
+    assert result.partial and len(calls) == 6  # the batch checked again, once, and no other
+    audited = result.data["audited"]
+    assert audited >= 8 and sum(s.n for s in result.stats) == audited
+    assert sum(s.runtime_robust.n for s in result.stats) == audited

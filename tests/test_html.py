@@ -586,3 +586,19 @@ def test_the_wheel_ships_the_templates(tmp_path: Path, digits_doc: dict[str, Any
                           capture_output=True, text=True)
     assert Path(done.stdout.strip()).is_relative_to(Path(site))
     assert out.read_text(encoding="utf-8") == render_html(digits_doc)
+
+
+def test_after_load_templates_a_page_compiles_nothing(digits_doc, monkeypatch):
+    # The CLI compiles the templates before a scan: after a Ctrl-C the partial page is due at
+    # once, and compiling was most of its time (issue 14).
+    from robaudit.reports import html
+
+    html.load_templates()
+
+    def compile_again(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a template was compiled while writing the page")
+
+    monkeypatch.setattr(html._environment(), "compile", compile_again)
+    partial = copy.deepcopy(digits_doc)
+    partial["partial"] = True
+    assert "PARTIAL" in render_html(partial)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import random
 import shutil
 import signal
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DIGITS, ROOT
+from conftest import DIGITS, ROOT, interrupt_scan
 
 from robaudit.cli import main
 from robaudit.errors import ExitCode
@@ -39,23 +38,13 @@ def test_sigterm_writes_partial_reports_and_exits_2(tmp_path: Path) -> None:
     report, junit = tmp_path / "r.json", tmp_path / "j.xml"
     # 50 steps in batches of 8: the first examples finish within seconds, the whole scan takes
     # a minute, so the signal arrives while it is attacking.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "robaudit", "scan", str(MODEL), "--data", str(DATA),
-         "--eps", "0.2", "--steps", "50", "--batch-size", "8", "--device", "cpu",
-         "--json", str(report), "--junit", str(junit), "-v"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "CI": "true"}, cwd=tmp_path,
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    for line in proc.stderr:  # -v off a TTY logs a line whenever examples finish
-        if line.startswith("robaudit: attacking ") or time.monotonic() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == ExitCode.INTERRUPTED == 2, err
-    assert "Traceback" not in err
-    assert "interrupted: partial results" in out
+    run = interrupt_scan(["scan", str(MODEL), "--data", str(DATA), "--eps", "0.2", "--steps",
+                          "50", "--batch-size", "8", "--device", "cpu", "--json", str(report),
+                          "--junit", str(junit)], signal.SIGTERM, tmp_path)
+    assert run.code == ExitCode.INTERRUPTED == 2, run.err
+    assert "Traceback" not in run.err
+    assert "interrupted: partial results" in run.out
+    assert run.exit_s < run.startup_s / 5, (run.exit_s, run.startup_s)  # see test_cli.py
 
     doc = json.loads(report.read_text())
     assert doc["partial"] is True and doc["verdict"]["exit_code"] == 2
