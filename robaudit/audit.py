@@ -6,18 +6,16 @@ goes to an optional callback, problems that do not stop the scan go to ``ScanRes
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from importlib import metadata
 from typing import Any
 
 import numpy as np
 import torch
 
-from robaudit import __version__, distributed
+from robaudit import distributed
 from robaudit.attacks import Attack, build_attack, build_attacks
 from robaudit.attacks.jobs import DEFAULT_BATCH
 from robaudit.attacks.stream import EnginePool, ExampleResult, stream_audit
@@ -34,6 +32,7 @@ from robaudit.gate import Verdict, judge
 from robaudit.masking import ESCALATION, Escalation, class_signs, survivors, unreliable_classes
 from robaudit.metrics import ClassStats, Records, Summary, class_stats, confusion, summarize
 from robaudit.models import LoadedModel, load_model, verify_runtime
+from robaudit.provenance import environment
 from robaudit.recording import extend, merge_columns, outcomes, record
 from robaudit.sanity import check_outputs, runtime_warnings, sanity_checks
 
@@ -471,31 +470,3 @@ def _sweep(records: list[Records], eps_list: list[float],
                         for s in stats],
         })
     return entries
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and hardware, for the report's provenance."""
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    onnxruntime = version("onnxruntime-gpu") or version("onnxruntime")
-    return {
-        "robaudit": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torchvision": version("torchvision"),
-        "onnx": version("onnx"),
-        "onnx2torch": version("onnx2torch"),
-        "onnxruntime": onnxruntime,
-        "device": str(device),
-        "device_name": (
-            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-            or platform.machine()
-        ),
-        "threads": torch.get_num_threads(),
-    }

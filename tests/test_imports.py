@@ -94,3 +94,24 @@ def test_no_import_cycles():
     assert "robaudit.reports.json" in graph["robaudit.cli"] and len(graph) > 40
     found = [c for c in cycles(graph) if c not in KNOWN_CYCLES]
     assert found == [], "import cycles: " + "; ".join(" <-> ".join(sorted(c)) for c in found)
+
+
+#: The house's limits (docs/architecture.md, "Conventions worth knowing").
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def test_modules_and_functions_stay_short():
+    long_modules, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        where = path.relative_to(PACKAGE.parent)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            long_modules.append(f"{where}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{where}:{node.lineno} {node.name}: {length} lines")
+    assert long_modules == []
+    assert long_functions == []
