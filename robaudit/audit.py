@@ -29,7 +29,14 @@ from robaudit.errors import (
 )
 from robaudit.gallery import make_gallery
 from robaudit.gate import Verdict, judge
-from robaudit.masking import ESCALATION, Escalation, class_signs, survivors, unreliable_classes
+from robaudit.masking import (
+    SCALE_INVARIANT,
+    Escalation,
+    class_signs,
+    persisting,
+    survivors,
+    unreliable_classes,
+)
 from robaudit.metrics import ClassStats, Records, Summary, class_stats, confusion, summarize
 from robaudit.models import LoadedModel, load_model, verify_runtime
 from robaudit.provenance import environment
@@ -283,32 +290,43 @@ def _finish(config: ScanConfig, loaded: _Loaded, run: _Attacked,
 def _escalate(config: ScanConfig, loaded: _Loaded, run: _Attacked,
               report: Callable[[Progress], None]) -> None:
     """Where the figures show signs of masking, attack the survivors of the classes concerned
-    with the scale-invariant loss and the gradient-free attack; judge what remains."""
+    with the scale-invariant loss (unless one ran already), then with the gradient-free search
+    where the signs persist; judge what remains."""
     started = time.perf_counter()
     names = loaded.source.class_names
     gate = run.records[loaded.gate_e]
     signs = class_signs(gate, names, [item["check"] for item in run.sanity],
                         sweep=run.records if len(run.records) > 1 else (), mode=config.mode)
-    extra = [a for a in ESCALATION if a not in (*config.attacks, *config.finish)
-             ] if config.escalate else []
     escalation = Escalation(signs=signs)
-    if signs and extra:
-        escalation.attacks = tuple(extra)
+    ran = (*config.attacks, *config.finish)
+    if signs and config.escalate:
         module = loaded.model.module
         module.eval()
         try:
-            for e, rec in enumerate(run.records):
-                count = _escalate_at(config, loaded, run, e, rec, list(signs), extra, report)
-                if e == loaded.gate_e:
-                    escalation.examples = count
+            if not any(a in ran for a in SCALE_INVARIANT):
+                _escalate_stage(config, loaded, run, escalation, "dlr", list(signs), report)
+            remaining = persisting(gate, names, signs)
+            escalation.explained = [name for name in signs if name not in remaining]
+            if remaining and "square" not in ran:
+                _escalate_stage(config, loaded, run, escalation, "square", remaining, report)
         except KeyboardInterrupt:
             run.partial = True  # the figures before escalation stand; it is marked partial
         finally:
             module.train(False)
-    escalation.unreliable = unreliable_classes(
-        gate, names, signs, [a for a in ESCALATION if a in gate.attack_names])
+    escalation.unreliable = unreliable_classes(gate, names, signs, config.escalate)
     escalation.seconds = time.perf_counter() - started
     run.escalation = escalation
+
+
+def _escalate_stage(config: ScanConfig, loaded: _Loaded, run: _Attacked,
+                    escalation: Escalation, attack: str, classes: list[str],
+                    report: Callable[[Progress], None]) -> None:
+    """One escalation attack at every ε on the survivors of ``classes``."""
+    escalation.attacks += (attack,)
+    for e, rec in enumerate(run.records):
+        count = _escalate_at(config, loaded, run, e, rec, classes, [attack], report)
+        if e == loaded.gate_e:
+            escalation.examples = max(escalation.examples, count)
 
 
 def _escalate_at(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, rec: Records,

@@ -117,7 +117,7 @@ SETTINGS = [
              help="Where the sanity checks see gradient masking, run DLR and Square on the "
              "survivors of the classes concerned.  [default: on]"),
     _setting("--escalation-queries", type=int, scan_only=True,
-             help="Square's queries per example when escalating.  [default: 1000]"),
+             help="Square's queries per example when escalating.  [default: 500]"),
     _setting("--allow-unreliable/--no-allow-unreliable", scan_only=True, default=None,
              help="Judge classes whose signs of masking remain after escalation on their "
              "figures alone instead of failing them as unreliable.  [default: off]"),

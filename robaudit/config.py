@@ -74,7 +74,7 @@ class ScanConfig:
     #: and the gradient-free Square on the survivors of the classes concerned.
     escalate: bool = True
     #: Square's queries per example when it runs as escalation.
-    escalation_queries: int = 1000
+    escalation_queries: int = 500
     #: Judge classes whose signs of masking remain after escalation on their figures alone,
     #: instead of failing them as unreliable.
     allow_unreliable: bool = False

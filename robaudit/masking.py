@@ -28,8 +28,16 @@ RESIDUAL_BAD_GRADIENT_SHARE = 0.5
 SQUARE_EXCESS = 0.03
 #: Signs that concern the whole model, not a class.
 GLOBAL_SIGNS = ("probability_outputs", "randomised_model")
-#: The attacks of escalation, in the order they run.
+#: The attacks of escalation, in the order they run: the scale-invariant loss on every class
+#: with signs (unless one already ran), then the gradient-free search on those whose signs it
+#: did not explain away (:func:`persisting`).
 ESCALATION = ("dlr", "square")
+#: Losses unchanged by scaling the logits (DLR also by shifting them): softmax saturation does
+#: not zero their gradients.
+SCALE_INVARIANT = ("dlr", "dlr-t", "apgd-t")
+#: Signs that a scale-invariant loss with healthy gradients explains away: saturated softmax
+#: (scaled logits, probability outputs) starves cross-entropy's gradients, not DLR's.
+SATURATION_SIGNS = ("bad_gradients", "probability_outputs")
 
 
 @dataclass
@@ -44,6 +52,9 @@ class Escalation:
     seconds: float = 0.0
     #: Class name -> why its figure is unreliable after escalation.
     unreliable: dict[str, str] = field(default_factory=dict)
+    #: Classes whose only signs were saturation's, with healthy gradients under a
+    #: scale-invariant loss: no gradient-free search was needed there.
+    explained: list[str] = field(default_factory=list)
 
     @property
     def ran(self) -> bool:
@@ -52,16 +63,21 @@ class Escalation:
     def to_dict(self) -> dict[str, object]:
         return {"ran": self.ran, "attacks": list(self.attacks), "classes": sorted(self.signs),
                 "examples": self.examples, "signs": self.signs,
-                "unreliable": self.unreliable}
+                "unreliable": self.unreliable, "explained": self.explained}
 
     def warnings(self) -> list[str]:
         """What the report's warnings say about it: where it ran and what stayed unreliable."""
-        if not self.ran:
-            return []
-        classes = ", ".join(sorted(self.signs))
-        found = [f"escalated: signs of gradient masking in class(es) {classes}; "
-                 f"{' and '.join(self.attacks)} attacked their {self.examples} "
-                 "surviving examples"]
+        found = []
+        if self.ran:
+            classes = ", ".join(sorted(self.signs))
+            found.append(f"escalated: signs of gradient masking in class(es) {classes}; "
+                         f"{' and '.join(self.attacks)} attacked their {self.examples} "
+                         "surviving examples")
+        if self.explained:
+            found.append(f"class(es) {', '.join(self.explained)}: the zero gradients are "
+                         "cross-entropy's on a saturated softmax; the scale-invariant DLR loss "
+                         "had healthy gradients there and attacked them, so no gradient-free "
+                         "search was needed")
         found += [f"class {name} is unreliable: {why}" for name, why in self.unreliable.items()]
         return found
 
@@ -122,10 +138,40 @@ def survivors(records: Records, class_names: Sequence[str], classes: Sequence[st
     return np.sort(records.array("index").astype(np.int64)[ok & wanted])
 
 
+def scale_invariant_bad_share(records: Records, mine: np.ndarray) -> float | None:
+    """Of the examples in ``mine`` that a scale-invariant loss attacked, the share with a zero
+    or non-finite input gradient under it (None when none ran on them)."""
+    ran = np.zeros(len(mine), dtype=bool)
+    bad = np.zeros(len(mine), dtype=bool)
+    for a in SCALE_INVARIANT:
+        if a in records.attack_names:
+            here = mine & (records.array("forwards", a) > 0)
+            ran |= here
+            bad |= here & records.array("bad_gradient", a).astype(bool)
+    return float(bad[ran].mean()) if ran.any() else None
+
+
+def persisting(records: Records, class_names: Sequence[str],
+               signs: dict[str, list[str]]) -> list[str]:
+    """The classes whose signs a scale-invariant loss did not explain away: a sign other than
+    saturation, or zero gradients under that loss too (quantised or otherwise flat inputs)."""
+    y = records.array("y").astype(np.int64)
+    attacked = records.array("clean_pred").astype(np.int64) == y
+    found = []
+    for name, checks in signs.items():
+        if any(check not in SATURATION_SIGNS for check in checks):
+            found.append(name)
+            continue
+        share = scale_invariant_bad_share(records, attacked & (y == class_names.index(name)))
+        if share is not None and share > BAD_GRADIENT_SHARE:
+            found.append(name)
+    return found
+
+
 def unreliable_classes(records: Records, class_names: Sequence[str],
-                       signs: dict[str, list[str]], escalated: Sequence[str]) -> dict[str, str]:
-    """Class name -> why its figure stays unreliable after escalation (``escalated``: the
-    escalation's attack columns in ``records``)."""
+                       signs: dict[str, list[str]], escalated: bool) -> dict[str, str]:
+    """Class name -> why its figure stays unreliable after escalation (``escalated``: whether
+    escalation was on; its columns, and the scan's own, are in ``records``)."""
     y = records.array("y").astype(np.int64)
     attacked = records.array("clean_pred").astype(np.int64) == y
     gradient = [a for a in records.attack_names if a != "square"]
@@ -143,15 +189,13 @@ def unreliable_classes(records: Records, class_names: Sequence[str],
             continue
         if not n or not escalated:
             continue
-        if "dlr" in escalated:
-            ran = mine & (records.array("forwards", "dlr") > 0)
-            bad = records.array("bad_gradient", "dlr")[ran].astype(bool)
-            if bad.size and bad.mean() > RESIDUAL_BAD_GRADIENT_SHARE:
-                found[name] = (f"input gradients stayed zero or not finite for {bad.mean():.0%} "
-                               "of its examples under the scale-invariant DLR loss: only a "
-                               "gradient-free search tested it")
-                continue
-        if "square" in escalated:
+        share = scale_invariant_bad_share(records, mine)
+        if share is not None and share > RESIDUAL_BAD_GRADIENT_SHARE:
+            found[name] = (f"input gradients stayed zero or not finite for {share:.0%} "
+                           "of its examples under the scale-invariant DLR loss: only a "
+                           "gradient-free search tested it")
+            continue
+        if "square" in records.attack_names:
             extra = int((mine & robust_gradient &
                          (records.array("adv_pred", "square").astype(np.int64) != y)).sum())
             if extra >= 2 and extra > SQUARE_EXCESS * n:

@@ -213,6 +213,9 @@ def unmasked_worst():
     return scan(config).summary.robust_acc["worst"]
 
 
+ESCALATED = {"scaled": (), "quantised": ("square",), "softmax": ()}
+
+
 @pytest.mark.parametrize("kind", ["scaled", "quantised", "softmax"])
 def test_a_masked_model_is_flagged_at_its_real_figure_or_judged_unreliable(
         digits, tmp_path, kind, unmasked_worst):
@@ -220,7 +223,12 @@ def test_a_masked_model_is_flagged_at_its_real_figure_or_judged_unreliable(
                         eps=0.2, per_class=12, min_class_robust=0.3)
     result = scan(config)
     assert result.flagged  # exit 1: it never passes the gate
-    assert result.escalation.ran and result.escalation.attacks == ("dlr", "square")
+    # The DLR finish is scale-invariant: saturated softmax (scaled logits, probabilities) starves
+    # cross-entropy's gradients, not its own, so no gradient-free search is needed there. A
+    # quantised input leaves even DLR without gradients: Square searches.
+    assert result.escalation.attacks == ESCALATED[kind]
+    assert result.escalation.signs
+    assert len(result.escalation.explained) == (0 if kind == "quantised" else 10)
     worst = result.summary.robust_acc["worst"]
     unreliable = [v.name for v in result.verdicts if v.status == "unreliable"]
     assert worst <= unmasked_worst + 0.05 or unreliable, (worst, unmasked_worst)
@@ -230,6 +238,20 @@ def test_a_masked_model_is_flagged_at_its_real_figure_or_judged_unreliable(
     assert all(v.status != "unreliable" for v in allowed.verdicts)
     assert [v.unreliable is not None for v in allowed.verdicts] == \
         [v.unreliable is not None for v in result.verdicts]
+
+
+def test_without_the_finish_escalation_runs_dlr_first_and_square_only_where_it_fails(
+        digits, tmp_path, unmasked_worst):
+    for kind, attacks in (("scaled", ("dlr",)), ("quantised", ("dlr", "square"))):
+        config = ScanConfig(model=_masked_file(digits, tmp_path, kind),
+                            data=str(digits / "test.npz"), eps=0.2, per_class=12,
+                            min_class_robust=0.3, finish=())
+        result = scan(config)
+        assert result.escalation.attacks == attacks
+        assert result.flagged
+        if kind == "scaled":
+            assert result.summary.robust_acc["worst"] <= unmasked_worst + 0.05
+            assert any("saturated softmax" in w for w in result.warnings)
 
 
 def test_escalation_costs_nothing_on_a_model_without_signs(digits):
