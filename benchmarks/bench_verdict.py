@@ -1,7 +1,8 @@
 """The verdict against AutoAttack, side by side in one run: robaudit's default scan (PGD + T-PGD,
-with escalation) and torchattacks' AutoAttack (standard) on the bundled example, L∞ and L2, and on
-masked versions of its model (logits × 1e4, input quantised to the data's 1/16 grid, softmax
-outputs). Targets (issue 12): worst case within 1 pp of AutoAttack's at ≤ 1/10 of its time.
+then the targeted DLR finish, with escalation) and torchattacks' AutoAttack (standard) on the
+bundled example, L∞ and L2, and on masked versions of its model (logits × 1e4, input quantised
+to the data's 1/16 grid, softmax outputs). Targets (issue 12): worst case within 1 pp of
+AutoAttack's at ≤ 1/10 of its time.
 
     python benchmarks/bench_verdict.py [--quick]      # needs torchattacks==3.5.1 (make bench)
 """

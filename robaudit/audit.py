@@ -18,7 +18,7 @@ import torch
 from robaudit import distributed
 from robaudit.attacks import Attack, build_attack, build_attacks
 from robaudit.attacks.jobs import DEFAULT_BATCH
-from robaudit.attacks.stream import EnginePool, ExampleResult, stream_audit
+from robaudit.attacks.stream import EnginePool, ExampleResult, combine_parts, stream_audit
 from robaudit.compare import Figures, check_comparable, read_figures
 from robaudit.config import ScanConfig, attack_settings, describe_attacks, format_eps
 from robaudit.data import DataSource, iter_batches, load_data, select_indices
@@ -342,23 +342,28 @@ def _on_survivors(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, r
                   classes: Sequence[str], attacks: list[Attack], stage: str,
                   report: Callable[[Progress], None]) -> int:
     """``attacks`` in turn on the examples of ``classes`` that every attack so far left robust
-    at the ``e``-th ε; their columns join ``rec``. Returns how many examples they attacked."""
-    targets = survivors(rec, loaded.source.class_names, classes)
-    mine = distributed.shard(targets, loaded.ctx)
+    at the ``e``-th ε, each one's runs side by side (``parts``); their columns join ``rec``.
+    Returns how many examples the first one attacked."""
     data_batch = config.batch_size or DEFAULT_BATCH
     runtime = loaded.model.runtime if config.runtime_check and e == loaded.gate_e else None
-    found = Records(attack_names=[a.name for a in attacks])
-    batches = ((x.to(loaded.device), y.to(loaded.device), idx)
-               for x, y, idx in iter_batches(loaded.source, mine, data_batch))
-    done = 0
-    for finished in stream_audit(loaded.model.module, batches, [attacks],
-                                 batch_size=config.batch_size, seed=config.seed,
-                                 worst_case=True, engine=run.pool):
-        record(found, finished, 0, runtime)
-        done += len(finished)
-        report(Progress(stage, done, len(mine)))
-    merge_columns(rec, distributed.gather(found, loaded.ctx))
-    return len(targets)
+    attacked = []
+    for attack in attacks:
+        targets = survivors(rec, loaded.source.class_names, classes)
+        attacked.append(len(targets))
+        mine = distributed.shard(targets, loaded.ctx)
+        parts = attack.parts() if hasattr(attack, "parts") else [attack]
+        found = Records(attack_names=[attack.name])
+        batches = ((x.to(loaded.device), y.to(loaded.device), idx)
+                   for x, y, idx in iter_batches(loaded.source, mine, data_batch))
+        done = 0
+        for finished in stream_audit(loaded.model.module, batches, [parts],
+                                     batch_size=config.batch_size, seed=config.seed,
+                                     engine=run.pool):
+            record(found, [combine_parts(ex, 0, attack, parts) for ex in finished], 0, runtime)
+            done += len(finished)
+            report(Progress(stage, done, len(mine)))
+        merge_columns(rec, distributed.gather(found, loaded.ctx))
+    return attacked[0] if attacked else 0
 
 
 def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) -> ScanResult:

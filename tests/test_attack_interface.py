@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from robaudit.attacks.base import example_seed
+from robaudit.attacks.stream import combine_parts, stream_audit
 from robaudit.audit import scan
 from robaudit.config import ScanConfig
 from robaudit.errors import ConfigError
@@ -287,3 +289,29 @@ def test_the_finish_is_skipped_with_none_and_by_the_standard_preset():
     with pytest.raises(ConfigError) as caught:
         ScanConfig(model="m.onnx", data="d.npz", finish=("dlr-x",))
     assert caught.value.key == "finish" and "dlr-t" in str(caught.value)
+
+
+def test_the_runs_of_a_targeted_attack_side_by_side_break_as_one_after_the_other_would():
+    # Four classes; only the third most likely wrong one (class 2) can be reached in the ball.
+    w = torch.zeros(4, 16)
+    w[1, 0], w[2, 1], w[3, 2] = 0.1, 4.0, 0.1
+    model = Linear(w, torch.tensor([2.5, 1.65, -1.0, 2.05]))  # at x: 2.5, 1.7, 1.0, 2.1
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.tensor([0])
+    attack = PGD(0.5, steps=10, schedule="halving", targets=3, losses=[dlr_targeted],
+                 name="dlr-t")
+    sequential = attack(model, x, y, torch.tensor([example_seed(0, 0)]))
+    parts = attack.parts()
+    assert [p.name for p in parts] == ["dlr-t#1", "dlr-t#2", "dlr-t#3"]
+    assert [p.objectives[0].target_rank for p in parts] == [1, 2, 3]
+    assert {p.family for p in parts} == {"dlr-t"} and parts[2].stream == attack.stream + 2
+    (done,) = [combine_parts(ex, 0, attack, parts)
+               for batch in stream_audit(model, [(x, y, torch.tensor([0]))], [parts],
+                                         batch_size=8)
+               for ex in batch]
+    result = done.outcomes[(0, "dlr-t")]
+    assert sequential.broken.tolist() == [True] and result.broken
+    assert result.logits.argmax().item() == sequential.pred.item() == 2
+    assert torch.equal(result.x_adv, sequential.x_adv[0])
+    # Side by side, the first two runs spend all their steps while the third breaks.
+    assert result.forwards == int(sequential.forwards[0])

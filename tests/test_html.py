@@ -598,7 +598,7 @@ def test_after_load_templates_a_page_compiles_nothing(digits_doc, monkeypatch):
     def compile_again(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a template was compiled while writing the page")
 
-    monkeypatch.setattr(html._environment(), "compile", compile_again)
+    monkeypatch.setattr(html.template_environment(), "compile", compile_again)
     partial = copy.deepcopy(digits_doc)
     partial["partial"] = True
     assert "PARTIAL" in render_html(partial)

@@ -191,3 +191,8 @@ def checkpoint_table(attacks: Sequence[Attack], device: torch.device) -> tuple[b
             for step in range(a.steps + 1):
                 table[k, step] = a.checkpoint_interval(step) or 0
     return any(halving), table.to(device)
+
+
+def family(attack: Attack) -> str:
+    """The name an attack's seconds count under: for a part (see PGD.parts), its whole attack."""
+    return getattr(attack, "family", attack.name)

@@ -27,13 +27,12 @@ from robaudit.attacks.base import (
     Model,
     Objective,
     checkpoint_table,
+    family,
     fill_uniform_noise,
     stream_keys,
 )
 from robaudit.attacks.jobs import DEFAULT_BATCH, Finished, Job, amp_errors, auto_batch_size
 from robaudit.attacks.losses import margin
-
-__all__ = ["DEFAULT_BATCH", "Engine", "Finished", "Job", "auto_batch_size"]
 
 # Bits of an engine row's flags.
 _BAD = 1  # some step had a zero or non-finite input gradient
@@ -78,7 +77,7 @@ class Engine:
         self._halving = False
         self._norms: set[str] = set()
         self._kinds: set[bool] = set()  # uses_gradient of the attacks seen
-        self._names: Counter[str] = Counter()  # jobs in flight per attack name
+        self._names: Counter[str] = Counter()  # jobs in flight per attack (family) name
         #: Seconds spent per attack name (forward, backward and update, shared by row count).
         self.seconds: dict[str, float] = {}
 
@@ -159,7 +158,7 @@ class Engine:
         first = self.n
         self.n += len(jobs)
         self.jobs.extend(jobs)
-        self._names.update(job.attack.name for job in jobs)
+        self._names.update(family(job.attack) for job in jobs)
         self.run.extend([0] * len(jobs))
         self._row_objective.extend([0] * len(jobs))
         self._start_runs(list(range(first, self.n)), x)
@@ -473,7 +472,7 @@ class Engine:
         """Free ``rows``: the rows in use past the new end move into the holes below it."""
         if not rows:
             return
-        self._names.subtract(self.jobs[row].attack.name for row in rows)
+        self._names.subtract(family(self.jobs[row].attack) for row in rows)
         gone = set(rows)
         end = self.n - len(rows)
         holes = sorted(r for r in gone if r < end)

@@ -10,6 +10,7 @@ space ``[0, 1]``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import zlib
@@ -70,6 +71,8 @@ class PGD:
         self.objectives = tuple(Objective(loss, rank) for loss in losses for rank in ranks)
         self.random_start = random_start
         self.name = name
+        #: The attack whose part this is (see :meth:`parts`); its own name otherwise.
+        self.family = name
 
     @cached_property
     def stream(self) -> int:
@@ -87,6 +90,24 @@ class PGD:
 
     def objective_of_run(self, run: int) -> Objective:
         return self.objectives[run // self.restarts]
+
+    def parts(self) -> list[PGD]:
+        """One attack per run, to run side by side instead of one after the other: part ``r``
+        starts where run ``r`` starts (the same random stream and objective) and takes the same
+        steps, so the first part that breaks an example breaks it as run ``r`` would. The parts
+        keep this attack's name as their ``family`` (for timings)."""
+        if self.runs == 1:
+            return [self]
+        parts = []
+        for run in range(self.runs):
+            part = copy.copy(self)
+            part.objectives = (self.objective_of_run(run),)
+            part.restarts = 1
+            part.name = f"{self.name}#{run + 1}"
+            part.family = self.name
+            part.__dict__["stream"] = self.stream + run  # overrides the cached property
+            parts.append(part)
+        return parts
 
     @cached_property
     def _checkpoints(self) -> dict[int, int]:

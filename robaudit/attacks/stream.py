@@ -17,6 +17,7 @@ import torch
 from robaudit.attacks.base import Attack, AttackOutcome, Model, example_seed
 from robaudit.attacks.engine import Engine
 from robaudit.attacks.jobs import Finished, Job
+from robaudit.attacks.losses import margin
 
 
 def run_jobs(model: Model, jobs: Iterable[Job], batch_size: int, *,
@@ -296,3 +297,27 @@ class _Stream:
             if example.waiting == 0:
                 ready.append(self.in_flight.pop(index))
         return ready
+
+
+def combine_parts(example: ExampleResult, e: int, attack: Attack,
+                  parts: Sequence[Attack]) -> ExampleResult:
+    """``example`` with its parts' outcomes at the ``e``-th ε (see PGD.parts) replaced by the
+    whole attack's: the first part, in run order, that broke it, else the one that left the
+    least margin, as running them one after the other would give. Forward passes add up."""
+    if list(parts) == [attack]:
+        return example
+    done = [example.outcomes.pop((e, part.name)) for part in parts]
+    if any(d is None for d in done):  # not attacked: misclassified clean
+        example.outcomes[(e, attack.name)] = None
+        return example
+    results = [d for d in done if d is not None]
+    broken = [d for d in results if d.broken]
+    if broken:
+        pick = broken[0]
+    else:
+        y = torch.tensor([example.y], device=results[0].logits.device)
+        pick = min(results, key=lambda d: float(margin(d.logits[None].float(), y)))
+    example.outcomes[(e, attack.name)] = Finished(
+        pick.key, pick.x_adv, pick.logits, bool(broken), sum(d.forwards for d in results),
+        any(d.bad_gradient for d in results))
+    return example

@@ -16,7 +16,7 @@ from typing import Any
 from markupsafe import Markup
 
 from robaudit.reports import atomic_write
-from robaudit.reports.html import _environment
+from robaudit.reports.html import template_environment
 from robaudit.reports.html_charts import WORST, short
 
 BEFORE_COLOUR = "#c3cbd5"
@@ -26,7 +26,7 @@ LOST_COLOUR = "#e15759"
 
 def render_harden_html(doc: dict[str, Any]) -> str:
     """The before/after page for a harden report document (``robaudit.harden.to_dict``)."""
-    env = _environment()
+    env = template_environment()
     style = env.get_template("report.css").render()
     return env.get_template("harden.html.j2").render(
         doc=doc, view=harden_view(doc), style=Markup(style))

@@ -37,7 +37,7 @@ def _template_dirs() -> list[Path]:
 
 
 @lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
+def template_environment() -> jinja2.Environment:
     dirs = _template_dirs()
     if not dirs:
         raise FileNotFoundError(
@@ -58,7 +58,7 @@ def _environment() -> jinja2.Environment:
 def load_templates() -> None:
     """Compile the scan report's templates now. The CLI calls it before a scan: compiling is
     most of the page's time, and after a Ctrl-C the partial report is wanted at once."""
-    env = _environment()
+    env = template_environment()
     for name in ("report.html.j2", "charts.html.j2", "baseline.html.j2", "report.js",
                  "report.css"):
         env.get_template(name)
@@ -72,7 +72,7 @@ def _num(value: float | None) -> str:
 
 def render_html(doc: dict[str, Any]) -> str:
     """The HTML page for a JSON report document (``to_dict`` or ``read_json``)."""
-    env = _environment()
+    env = template_environment()
     script = env.get_template("report.js").render()
     style = env.get_template("report.css").render()
     # The policy names the script by hash: markup injected past the escaper still could not run.
