@@ -80,8 +80,13 @@ def make_gallery(
     if not chosen:
         return {}
     xs = {i: source.dataset[i][0].to(device) for _, i in chosen}
-    jobs = [Job((i, a.name), xs[i], c, example_seed(i, seed), a)
-            for c, i in chosen for a in attacks]
+    # Each example reruns only the first attack that broke it in the scan.
+    position = {int(i): p for p, i in enumerate(index)}
+    first = {i: next(a for a in attacks
+                     if records.array("adv_pred", a.name)[position[i]] != y[position[i]])
+             for _, i in chosen}
+    jobs = [Job((i, first[i].name), xs[i], c, example_seed(i, seed), first[i])
+            for c, i in chosen]
     was_training = model.training
     model.eval()
     try:
@@ -91,10 +96,10 @@ def make_gallery(
     names = source.class_names
     gallery: dict[str, list[dict[str, Any]]] = {}
     for c, i in chosen:
-        hit = next((results[(i, a.name)] for a in attacks if results[(i, a.name)].broken), None)
-        if hit is None:  # not reproduced (floating-point ties): show only what did break
+        attack = first[i]
+        hit = results[(i, attack.name)]
+        if not hit.broken:  # not reproduced (floating-point ties): show only what did break
             continue
-        attack = next(a for a in attacks if results[(i, a.name)] is hit)
         probs = torch.softmax(hit.logits.float(), dim=0)
         pred = int(probs.argmax())
         delta = hit.x_adv - xs[i]
