@@ -60,7 +60,7 @@ class Figures:
             created=doc.get("created", ""),
             eps=float(config["eps"]),
             # The finish's columns are part of the worst case (reports before it had none).
-            attacks=(*config["attacks"], *config.get("finish", ())),
+            attacks=(*config["attacks"], *(config.get("finish") or ())),
             audited=tuple(c["name"] for c in doc["classes"] if c["n"] > 0),
             robust=robust,
             strength={k: config.get(k) for k in _STRENGTH},
@@ -96,8 +96,11 @@ def check_comparable(
             f"eps (baseline {format_eps(baseline.eps)}, {against} {format_eps(eps)})"
         )
     if set(baseline.attacks) != set(attacks):
+        finish = set(baseline.attacks) ^ set(attacks) == {"dlr-t"}
         differences.append(
-            f"attacks (baseline {','.join(baseline.attacks)}, {against} {','.join(attacks)})"
+            f"attacks (baseline {','.join(baseline.attacks)}, {against} {','.join(attacks)}"
+            + ("; a report without the dlr-t finish compares with a scan run with "
+               "--finish none)" if finish else ")")
         )
     if audited is not None and set(baseline.audited) != set(audited):
         only_base = [c for c in baseline.audited if c not in set(audited)]

@@ -95,6 +95,16 @@ def test_reports_of_different_settings_are_a_usage_error(report, tmp_path, capsy
     assert f"cannot compare {new} with the baseline {base}: they differ in {named}" in err
 
 
+def test_a_report_from_before_the_finish_says_how_to_compare_with_it(report, tmp_path, capsys):
+    old = copy.deepcopy(report)
+    old["config"].pop("finish")  # reports from before the finish have no such key
+    base, new = write(tmp_path, "b.json", old), write(tmp_path, "n.json", report)
+    assert main(["compare", base, new, "--max-drop", "0.03"]) == ExitCode.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert "attacks (baseline pgd,tpgd, " in err
+    assert "a report without the dlr-t finish compares with a scan run with --finish none" in err
+
+
 def test_not_a_report_is_a_usage_error(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
