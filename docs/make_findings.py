@@ -264,10 +264,11 @@ paper's side is stated in words: its claims as its abstract and text make them, 
 
 Robust accuracy is the worst case over FGSM, PGD, Temperature-PGD and the CW-margin loss, 20
 steps, as `robaudit scan` measures it (only clean-correct images are attacked; `--finish none`
-leaves out the targeted DLR finish a default scan adds, to keep to the paper's attacks). These are small
-models trained in minutes on a few thousand images, where the paper trained ResNets on full data
-sets: the comparison is of the *pattern*, not the values. Each class has 52–100 test images, so a
-class figure carries a 95% interval of about ±10 points (the JSON reports have them)."""
+leaves out the targeted DLR finish a default scan adds, to keep to the paper's attacks).
+These are small models trained in minutes on a few thousand images, where the paper trained
+ResNets on full data sets: the comparison is of the *pattern*, not the values. Each class has
+52–100 test images, so a class figure carries a 95% interval of about ±10 points (the JSON
+reports have them)."""
 
 
 def finding1(docs: dict[str, dict[str, Doc]]) -> str:
