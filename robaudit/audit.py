@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,7 +20,13 @@ from robaudit.attacks import Attack, build_attack, build_attacks
 from robaudit.attacks.jobs import DEFAULT_BATCH
 from robaudit.attacks.stream import EnginePool, ExampleResult, combine_parts, stream_audit
 from robaudit.compare import Figures, check_comparable, read_figures
-from robaudit.config import ScanConfig, attack_settings, describe_attacks, format_eps
+from robaudit.config import (
+    ScanConfig,
+    attack_settings,
+    attack_stage,
+    describe_attacks,
+    format_eps,
+)
 from robaudit.data import DataSource, iter_batches, load_data, select_indices
 from robaudit.errors import (
     ConfigError,
@@ -332,8 +338,7 @@ def _escalate_stage(config: ScanConfig, loaded: _Loaded, run: _Attacked,
 def _escalate_at(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, rec: Records,
                  classes: list[str], extra: list[str],
                  report: Callable[[Progress], None]) -> int:
-    settings = replace(attack_settings(config, loaded.eps_list[e]),
-                       queries=config.escalation_queries)
+    settings = attack_settings(config, loaded.eps_list[e], "escalation")
     return _on_survivors(config, loaded, run, e, rec, classes, build_attacks(extra, settings),
                          "escalating", report)
 
@@ -431,13 +436,10 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
 
 
 def _gate_attacks(config: ScanConfig, loaded: _Loaded, ran: Sequence[str]) -> list[Attack]:
-    """Every attack that ran at the gate's ε: the scan's, the finish's, and escalation's with
-    its own query budget."""
-    settings = attack_settings(config, config.eps)
-    escalation = replace(settings, queries=config.escalation_queries)
+    """Every attack that ran at the gate's ε: the scan's, the finish's and escalation's."""
     later = [name for name in ran if name not in config.attacks]
     return [*loaded.attack_sets[loaded.gate_e],
-            *(build_attack(name, settings if name in config.finish else escalation)
+            *(build_attack(name, attack_settings(config, config.eps, attack_stage(config, name)))
               for name in later)]
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robaudit.config import format_eps
+from robaudit.config import FINISH, format_eps
 from robaudit.errors import UsageError
 from robaudit.gate import Failure, GatePolicy, judge
 from robaudit.metrics import WORST, ClassStats, Rate, ranks, spearman
@@ -96,10 +96,10 @@ def check_comparable(
             f"eps (baseline {format_eps(baseline.eps)}, {against} {format_eps(eps)})"
         )
     if set(baseline.attacks) != set(attacks):
-        finish = set(baseline.attacks) ^ set(attacks) == {"dlr-t"}
+        finish = set(baseline.attacks) ^ set(attacks) <= set(FINISH)
         differences.append(
             f"attacks (baseline {','.join(baseline.attacks)}, {against} {','.join(attacks)}"
-            + ("; a report without the dlr-t finish compares with a scan run with "
+            + (f"; a report without the {','.join(FINISH)} finish compares with a scan run with "
                "--finish none)" if finish else ")")
         )
     if audited is not None and set(baseline.audited) != set(audited):

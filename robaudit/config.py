@@ -33,6 +33,10 @@ MAX_BATCH_SIZE = 1 << 20
 DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+#: The default finish: targeted DLR (see ScanConfig.finish).
+FINISH = ("dlr-t",)
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """Everything a scan needs. Build one with :func:`resolve_config` or directly."""
@@ -65,11 +69,10 @@ class ScanConfig:
     #: Targeted attacks' target classes (the most likely wrong ones). None: AutoAttack's 9 for
     #: apgd-t, 5 for dlr-t and ce-t (see robaudit.attacks).
     targets: int | None = None
-    #: Attacks that run after ``attacks``, on the examples none of them broke, at every ε (their
-    #: columns are cumulative, as in worst-case mode). The targeted DLR finish closes the gap
-    #: to AutoAttack that PGD and T-PGD leave under L2 (benchmarks/RESULTS.md). ``none``: no
-    #: finish; the ``standard`` preset has none (APGD-T is in it).
-    finish: tuple[str, ...] = ("dlr-t",)
+    #: Attacks run after ``attacks`` on the examples none of them broke, at every ε (cumulative
+    #: columns). Targeted DLR closes the gap PGD and T-PGD leave to AutoAttack under L2
+    #: (benchmarks/RESULTS.md). ``none``: no finish, as in the ``standard`` preset.
+    finish: tuple[str, ...] = FINISH
     #: Where the sanity checks see signs of gradient masking, run the scale-invariant DLR loss
     #: and the gradient-free Square on the survivors of the classes concerned.
     escalate: bool = True
@@ -300,15 +303,23 @@ def validate(config: ScanConfig) -> None:
           f"got {config.arch!r}")
 
 
-def attack_settings(config: ScanConfig, eps: float) -> AttackSettings:
-    """The attacks' hyperparameters at one ε of the scan."""
+def attack_stage(config: ScanConfig, name: str) -> str:
+    """Where attack ``name`` runs in a scan: ``scan``, ``finish`` or ``escalation``."""
+    return ("scan" if name in config.attacks else "finish" if name in config.finish
+            else "escalation")
+
+
+def attack_settings(config: ScanConfig, eps: float, stage: str = "scan") -> AttackSettings:
+    """The attacks' hyperparameters at one ε of the scan, in one stage (escalation's Square has
+    its own query budget)."""
     from robaudit.attacks import AttackSettings
 
     # An explicit step size is in pixel units at the gate's eps: scale it with a sweep's eps.
     step_size = None if config.step_size is None else config.step_size * eps / config.eps
+    queries = config.escalation_queries if stage == "escalation" else config.queries
     return AttackSettings(eps=eps, steps=config.steps, step_size=step_size,
                           restarts=config.restarts, temperatures=config.temperatures,
-                          schedule=config.schedule, norm=config.norm, queries=config.queries,
+                          schedule=config.schedule, norm=config.norm, queries=queries,
                           targets=config.targets)
 
 
@@ -317,13 +328,10 @@ def describe_attacks(config: ScanConfig, names: Sequence[str]) -> list[dict[str,
     which stage (``scan``, ``finish`` or ``escalation``): for the reports."""
     from robaudit.attacks import ATTACKS, build_attack
 
-    settings = attack_settings(config, config.eps)
     described = []
     for name in names:
-        stage = ("scan" if name in config.attacks else "finish" if name in config.finish
-                 else "escalation")
-        queries = config.escalation_queries if stage == "escalation" else config.queries
-        attack = build_attack(name, dataclasses.replace(settings, queries=queries))
+        stage = attack_stage(config, name)
+        attack = build_attack(name, attack_settings(config, config.eps, stage))
         entry: dict[str, Any] = {"name": name, "description": ATTACKS[name][1],
                                  "eps": config.eps, "norm": config.norm, "stage": stage,
                                  "escalation": stage == "escalation"}
