@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,7 +34,6 @@ from robaudit.errors import (
     UsageError,
 )
 from robaudit.gallery import make_gallery
-from robaudit.gate import Verdict, judge
 from robaudit.masking import (
     SCALE_INVARIANT,
     Escalation,
@@ -43,11 +42,14 @@ from robaudit.masking import (
     survivors,
     unreliable_classes,
 )
-from robaudit.metrics import ClassStats, Records, Summary, class_stats, confusion, summarize
+from robaudit.metrics import Records, class_stats, confusion, summarize
 from robaudit.models import LoadedModel, load_model, verify_runtime
 from robaudit.provenance import environment
 from robaudit.recording import extend, merge_columns, outcomes, record
+from robaudit.result import ScanResult, exit_outcome, judgement_of
 from robaudit.sanity import check_outputs, runtime_warnings, sanity_checks
+
+__all__ = ["Progress", "ScanResult", "resolve_device", "scan"]
 
 
 @dataclass(frozen=True)
@@ -57,47 +59,6 @@ class Progress:
     stage: str
     done: int
     total: int
-
-
-@dataclass
-class ScanResult:
-    """Everything a scan found. Reports are rendered from its JSON form."""
-
-    config: ScanConfig
-    class_names: list[str]
-    stats: list[ClassStats]
-    summary: Summary
-    verdicts: list[Verdict]
-    #: Adversarial confusion per attack: row = true class, column = predicted class.
-    confusion: dict[str, list[list[int]]]
-    model: dict[str, Any]
-    data: dict[str, Any]
-    environment: dict[str, Any]
-    timings: dict[str, float]
-    warnings: list[str] = field(default_factory=list)
-    #: Signs of gradient masking found: ``{"check": ..., "message": ...}``.
-    sanity: list[dict[str, str]] = field(default_factory=list)
-    #: Per-class robust accuracy at each ε when several ran (ascending ε).
-    sweep: list[dict[str, Any]] = field(default_factory=list)
-    #: Adversarial examples of flagged classes, as PNG data URIs (see robaudit.gallery).
-    gallery: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    #: True when the scan was interrupted: figures cover the examples audited so far.
-    partial: bool = False
-    created: str = ""
-    #: The baseline report's figures, when the gate judged drops against one.
-    baseline: Figures | None = None
-    #: Each attack that ran, escalation's included: its name, settings and description.
-    attacks: list[dict[str, Any]] = field(default_factory=list)
-    #: What the masking checks saw, where escalation ran, and which classes stay unreliable.
-    escalation: Escalation = field(default_factory=Escalation)
-
-    @property
-    def attack_names(self) -> list[str]:
-        return [a["name"] for a in self.attacks] or list(self.config.attacks)
-
-    @property
-    def flagged(self) -> list[Verdict]:
-        return [v for v in self.verdicts if not v.passed]
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -382,17 +343,15 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
     stats = class_stats(main, names)
     summary = summarize(main, stats)
     baseline = loaded.baseline
-    verdicts = judge(stats, config.gate_policy(),
-                     baseline.robust.get(config.gate_on) if baseline else None,
-                     unreliable=run.escalation.unreliable,
-                     allow_unreliable=config.allow_unreliable)
+    judgement = judgement_of(stats, config.gate_policy(), main.attack_names, baseline,
+                           run.escalation, config.allow_unreliable)
     sweep = _sweep(run.records, loaded.eps_list, names) if len(run.records) > 1 else []
     sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
     warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
     warnings += run.escalation.warnings()
     gallery, partial = {}, run.partial
     if not partial and loaded.ctx.is_main:  # only rank 0 writes reports
-        flagged = [v.index for v in verdicts if not v.passed]
+        flagged = [v.index for v in judgement.flagged]
         try:
             gallery = make_gallery(loaded.model.module, loaded.source, main, flagged,
                                    _gate_attacks(config, loaded, main.attack_names),
@@ -400,12 +359,13 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
         except KeyboardInterrupt:  # every figure is in: keep them, only the pictures are lost
             partial = True
     attacks = list(main.attack_names)
+    code, problem = exit_outcome(config, partial, judgement, sanity)
     return ScanResult(
         config=config,
         class_names=list(names),
         stats=stats,
         summary=summary,
-        verdicts=verdicts,
+        judgement=judgement,
         confusion={a: confusion(main, len(names), a) for a in attacks},
         model=_model_info(loaded.model, run.runtime_diff),
         data={
@@ -432,6 +392,8 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
         baseline=baseline,
         attacks=describe_attacks(config, attacks),
         escalation=run.escalation,
+        exit_code=code,
+        problem=problem,
     )
 
 

@@ -195,13 +195,13 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
     from robaudit.audit import scan as run_scan
     from robaudit.config import resolve_config
     from robaudit.distributed import is_main_process
-    from robaudit.reports.json import exit_code, to_dict, without_images, write_json
+    from robaudit.reports.json import to_dict, without_images, write_json
     from robaudit.reports.junit import write_junit
 
     config = resolve_config({"model": model, **options}, config_file=config_file)
     if not is_main_process():
         # Under torchrun the other ranks attack their shards and stay silent: rank 0 reports.
-        return exit_code(run_scan(config))
+        return run_scan(config).exit_code
     reporter = _reporter_for(config.json, config.junit, config.html, verbose=verbose, quiet=quiet)
     if config.html:
         from robaudit.reports.html import load_templates, write_html
@@ -227,13 +227,11 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
                         ("HTML", config.html)):
         if path:
             reporter.info(f"{label} report: {path}")
-    if config.strict and result.sanity:
+    if result.problem is not None:
         from robaudit.errors import UsageError
 
-        checks = ", ".join(item["check"] for item in result.sanity)
-        raise UsageError(f"--strict: the sanity checks found signs of gradient masking ({checks}); "
-                         "the robust accuracies above may be overestimated")
-    return exit_code(result)
+        raise UsageError(result.problem)
+    return result.exit_code
 
 
 @cli.command(context_settings=CONTEXT)

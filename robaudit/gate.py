@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from robaudit.metrics import WORST, ClassStats
 
@@ -102,7 +102,6 @@ def judge(
     ``unreliable`` maps class names to why their figure is masked: such a class fails whatever
     its figure, unless ``allow_unreliable``."""
     unreliable = unreliable or {}
-    """A verdict per class. ``baseline`` maps class names to their robust accuracy before."""
     mean, best = _mean_and_best(stats, policy.on)
     verdicts = []
     for s in stats:
@@ -150,3 +149,46 @@ def judge(
             ))
         verdicts.append(Verdict(s.index, s.name, rate.acc, tuple(failures), why))
     return verdicts
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The gate's verdicts on every figure a scan reports; the gated figure (``on``) decides.
+
+    A scan is judged once, by :func:`judge_scan`; reports, ``compare``, the pytest plugin and
+    the exit code read this record instead of judging again."""
+
+    on: str
+    #: Verdicts per class (in class order) for each figure: every attack and the worst case.
+    by_figure: Mapping[str, Sequence[Verdict]]
+
+    @property
+    def verdicts(self) -> list[Verdict]:
+        """The verdicts on the gated figure: the ones that decide the exit code."""
+        return list(self.by_figure[self.on])
+
+    @property
+    def flagged(self) -> list[Verdict]:
+        return [v for v in self.verdicts if not v.passed]
+
+
+def judge_scan(
+    stats: Sequence[ClassStats],
+    policy: GatePolicy,
+    figures: Sequence[str],
+    *,
+    baseline: Mapping[str, Mapping[str, float]] | None = None,
+    unreliable: Mapping[str, str] | None = None,
+    allow_unreliable: bool = False,
+) -> Judgement:
+    """The one way a scan's classes are judged: ``policy`` on each figure in ``figures`` (and
+    on the gated one, ``policy.on``). ``baseline`` maps a figure to the baseline's robust
+    accuracy per class name; ``unreliable`` maps class names to why their figure is masked."""
+    names = list(dict.fromkeys([*figures, policy.on]))
+    by_figure = {
+        name: judge(stats, replace(policy, on=name),
+                    baseline.get(name) if baseline else None,
+                    unreliable=unreliable, allow_unreliable=allow_unreliable)
+        for name in names
+    }
+    return Judgement(policy.on, by_figure)

@@ -166,21 +166,32 @@ class Audit:
         max_gap: float | None = None,
         max_drop: float | None = None,
         significance: bool | None = None,
+        allow_unreliable: bool | None = None,
     ) -> Audit:
         """Fail the test when a class fails the policy, showing the classes and their figures.
 
-        With no thresholds the gate the scan was configured with decides; thresholds given here
-        replace it. ``significance`` defaults to the scan's; ``max_drop`` needs the scan's
-        ``baseline``.
+        With no thresholds the gate the scan was configured with decides, exactly as
+        ``robaudit scan`` exits; thresholds given here replace it and are judged the way the
+        scan judges: a class whose figure is masked (unreliable) fails unless
+        ``allow_unreliable`` (default: the scan's). ``significance`` defaults to the scan's;
+        ``max_drop`` needs the scan's ``baseline``.
         """
         __tracebackhide__ = True
+        verdicts = self._verdicts(
+            {"min_class_robust": min_class_robust, "min_ratio": min_ratio, "max_gap": max_gap,
+             "max_drop": max_drop}, significance, allow_unreliable)
+        if any(not v.passed for v in verdicts):
+            pytest.fail(self._failure_text(verdicts), pytrace=True)
+        return self
+
+    def _verdicts(self, given: dict[str, float | None], significance: bool | None,
+                  allow_unreliable: bool | None) -> list[Verdict]:
+        """The scan's own verdicts, or the scan's figures judged by the policy given here."""
         from dataclasses import replace
 
-        from robaudit.gate import GatePolicy, judge
+        from robaudit.gate import GatePolicy
 
         config = self.result.config
-        given = {"min_class_robust": min_class_robust, "min_ratio": min_ratio,
-                 "max_gap": max_gap, "max_drop": max_drop}
         if all(v is None for v in given.values()):
             policy = config.gate_policy()
         else:
@@ -190,14 +201,11 @@ class Audit:
         if not policy.active:
             raise ValueError("assert_passes() needs a policy: pass min_class_robust=, "
                              "min_ratio=, max_gap= or max_drop=, or set one in the scan")
-        baseline = self.result.baseline
-        if policy.max_drop is not None and baseline is None:
+        if policy.max_drop is not None and self.result.baseline is None:
             raise ValueError("max_drop= needs a baseline: scan(..., baseline='report.json')")
-        verdicts = judge(self.result.stats, policy,
-                         baseline.robust.get(policy.on) if baseline else None)
-        if any(not v.passed for v in verdicts):
-            pytest.fail(self._failure_text(verdicts), pytrace=True)
-        return self
+        if policy == config.gate_policy() and allow_unreliable in (None, config.allow_unreliable):
+            return self.result.verdicts
+        return self.result.judged_by(policy, allow_unreliable=allow_unreliable).verdicts
 
     def _failure_text(self, verdicts: list[Verdict]) -> str:
         result = self.result
@@ -206,8 +214,8 @@ class Audit:
 
         failed = [v for v in verdicts if not v.passed]
         stats = {s.index: s for s in result.stats}
-        figure = "worst case over " + ",".join(config.attacks) if config.gate_on == "worst" \
-            else config.gate_on
+        figure = "worst case over " + ",".join(result.attack_names) \
+            if config.gate_on == "worst" else config.gate_on
         present = [v for v in verdicts if stats[v.index].n > 0]
         shown = present if len(present) <= MAX_TABLE_ROWS else failed
         rows = [("class", "n", "clean", "robust (95% CI)", "verdict")]

@@ -107,3 +107,35 @@ def interrupt_scan(args: list[str], sig: signal.Signals, cwd: Path) -> Interrupt
         out.seek(0)
         return Interrupted(proc.returncode, out.read(), "".join(lines), sent - started,
                            exited - sent)
+
+
+class _Masked(nn.Module):
+    """The bundled example's model with its gradients masked, every decision kept."""
+
+    def __init__(self, model: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "scaled":  # the softmax saturates: cross-entropy gradients underflow
+            return self.model(x) * 1e4
+        if self.kind == "quantised":  # the data's own 1/16 grid: zero gradient almost everywhere
+            return self.model(torch.round(x * 16) / 16)
+        return torch.softmax(self.model(x), dim=1)  # probabilities instead of logits
+
+
+#: The masked versions of the bundled example: ``masked_file(folder, kind)`` writes one.
+MASKED_KINDS = ("scaled", "quantised", "softmax")
+
+
+def masked_file(folder: Path, kind: str) -> str:
+    """The bundled example's model, masked as ``kind``, saved as a torch.export archive."""
+    from robaudit.models import load_model
+
+    model = load_model(str(DIGITS / "model.pt2")).module.eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(_Masked(model, kind).eval(), (torch.rand(2, 1, 8, 8),),
+                                  dynamic_shapes=({0: batch},))
+    path = folder / f"{kind}.pt2"
+    torch.export.save(program, path)
+    return str(path)

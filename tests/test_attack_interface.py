@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+from conftest import masked_file
 
 from robaudit.attacks.base import example_seed
 from robaudit.attacks.stream import combine_parts, stream_audit
@@ -179,33 +180,6 @@ def test_targeted_runs_aim_at_the_most_likely_wrong_classes():
 # -- a masked figure never passes --------------------------------------------------------------
 
 
-class _Masked(torch.nn.Module):
-    """The bundled example's model with its gradients masked, every decision kept."""
-
-    def __init__(self, model, kind):
-        super().__init__()
-        self.model, self.kind = model, kind
-
-    def forward(self, x):
-        if self.kind == "scaled":  # the softmax saturates: cross-entropy gradients underflow
-            return self.model(x) * 1e4
-        if self.kind == "quantised":  # the data's own 1/16 grid: zero gradient almost everywhere
-            return self.model(torch.round(x * 16) / 16)
-        return torch.softmax(self.model(x), dim=1)  # probabilities instead of logits
-
-
-def _masked_file(digits, tmp_path, kind):
-    from robaudit.models import load_model
-
-    model = load_model(str(digits / "model.pt2")).module.eval()
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(_Masked(model, kind).eval(), (torch.rand(2, 1, 8, 8),),
-                                  dynamic_shapes=({0: batch},))
-    path = tmp_path / f"{kind}.pt2"
-    torch.export.save(program, path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def unmasked_worst():
     from conftest import DIGITS as digits
@@ -221,7 +195,7 @@ ESCALATED = {"scaled": (), "quantised": ("square",), "softmax": ()}
 @pytest.mark.parametrize("kind", ["scaled", "quantised", "softmax"])
 def test_a_masked_model_is_flagged_at_its_real_figure_or_judged_unreliable(
         digits, tmp_path, kind, unmasked_worst):
-    config = ScanConfig(model=_masked_file(digits, tmp_path, kind), data=str(digits / "test.npz"),
+    config = ScanConfig(model=masked_file(tmp_path, kind), data=str(digits / "test.npz"),
                         eps=0.2, per_class=12, min_class_robust=0.3)
     result = scan(config)
     assert result.flagged  # exit 1: it never passes the gate
@@ -245,7 +219,7 @@ def test_a_masked_model_is_flagged_at_its_real_figure_or_judged_unreliable(
 def test_without_the_finish_escalation_runs_dlr_first_and_square_only_where_it_fails(
         digits, tmp_path, unmasked_worst):
     for kind, attacks in (("scaled", ("dlr",)), ("quantised", ("dlr", "square"))):
-        config = ScanConfig(model=_masked_file(digits, tmp_path, kind),
+        config = ScanConfig(model=masked_file(tmp_path, kind),
                             data=str(digits / "test.npz"), eps=0.2, per_class=12,
                             min_class_robust=0.3, finish=())
         result = scan(config)

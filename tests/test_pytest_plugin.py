@@ -56,7 +56,7 @@ def test_a_passing_and_a_failing_robustness_test(pytester, tmp_path, monkeypatch
     out = result.stdout.str()
     result.stdout.fnmatch_lines([
         "*robaudit: 1 of 2 classes failed the robustness policy "
-        "(worst case over pgd,tpgd; eps 0.2; 12 examples)",
+        "(worst case over pgd,tpgd,dlr-t; eps 0.2; 12 examples)",
         "*  class | n |  clean |   robust (95% CI) | verdict",
         "*  ------+---+--------+-------------------+--------",
         "*  0     | 6 | 100.0% | 100.0% (61%-100%) | passed",

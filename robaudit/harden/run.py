@@ -29,7 +29,6 @@ from robaudit.harden.state import CRITERION, Budget, Candidate, RunState
 from robaudit.harden.train import Split, Validation, load_split, train_epoch, validate
 from robaudit.models import load_model
 from robaudit.reports import atomic_write
-from robaudit.reports.json import exit_code
 from robaudit.reports.json import to_dict as scan_to_dict
 
 SCHEMA = "robaudit.harden"
@@ -87,7 +86,7 @@ class HardenResult:
     @property
     def exit_code(self) -> int:
         """0 when the hardened model passes the scan's gate, 1 when classes are still flagged."""
-        return int(exit_code(self.after))
+        return int(self.after.exit_code)
 
 
 def harden(config: HardenConfig, *, progress: Report | None = None) -> HardenResult:

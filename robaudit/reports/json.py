@@ -7,27 +7,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from robaudit.audit import ScanResult
 from robaudit.config import describe_attacks, format_eps
-from robaudit.errors import ExitCode
-from robaudit.gate import GatePolicy, Verdict, judge, thresholds
-from robaudit.metrics import WORST, ClassStats, Rate, Summary
+from robaudit.gate import GatePolicy, Verdict, thresholds
+from robaudit.metrics import ClassStats, Rate, Summary
 from robaudit.reports import atomic_write
 from robaudit.reports.schema import SCHEMA, SCHEMA_VERSION, read_json
+from robaudit.result import ScanResult
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "dumps", "exit_code", "read_json", "to_dict",
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "dumps", "read_json", "to_dict",
            "without_images", "write_json"]
 
-
-
-def exit_code(result: ScanResult) -> ExitCode:
-    if result.partial:
-        return ExitCode.INTERRUPTED
-    return ExitCode.FLAGGED if result.flagged else ExitCode.OK
 
 
 def _rate(rate: Rate | None) -> dict[str, Any] | None:
@@ -59,15 +51,8 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
     config = result.config
     policy = config.gate_policy()
     baseline = result.baseline
-    unreliable = result.escalation.unreliable
-    # Per-attack verdicts under the same policy: JUnit has a suite per attack.
-    by_figure = {
-        name: judge(result.stats, replace(policy, on=name),
-                    baseline.robust.get(name) if baseline else None, unreliable=unreliable,
-                    allow_unreliable=config.allow_unreliable)
-        for name in [*result.attack_names, WORST]
-    }
-    code = exit_code(result)
+    # Per-attack verdicts under the same policy, judged with the scan: JUnit has a suite each.
+    by_figure = result.judgement.by_figure
     doc = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -75,7 +60,7 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
         "partial": result.partial,
         "verdict": {
             "passed": not result.flagged,
-            "exit_code": int(code),
+            "exit_code": int(result.exit_code),
             "flagged": [v.name for v in result.flagged],
             "unreliable": [v.name for v in result.verdicts if v.unreliable is not None],
             "gate": _gate(policy, result.stats),
