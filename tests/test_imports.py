@@ -1,6 +1,6 @@
 """No import cycles in robaudit/: imports run one way (docs/architecture.md).
 
-Counted as the team's house check counts them (/work/shared/tools/house_check.py): every import in
+Counted as the team's house check counts them (its shared tools' house_check.py): every import in
 a module, at its top, inside functions and under ``TYPE_CHECKING`` alike, since a deferred import
 is still a dependency and a cycle through one only waits for a caller to close it. ``from a import
 b`` depends on ``a.b`` when that is a module, else on ``a``; importing one's own parent package is
