@@ -81,12 +81,49 @@ def test_the_users_example_gates_on_the_exit_code():
     assert "pull_request" in on
     job_steps = steps(doc, "robustness")
     scan = next(s for s in job_steps if s.get("id") == "scan")
-    assert scan["uses"].startswith("robaudit/robaudit/.github/actions/scan@")
+    # The action copied into the user's repository: pinned by their commits, no placeholder.
+    assert scan["uses"] == "./.github/actions/robaudit-scan"
+    assert scan["with"]["robaudit-spec"].startswith("robaudit @ git+")
     assert scan["continue-on-error"] is True
     assert {"model", "data", "eps", "min-class-robust"} <= set(scan["with"])
     gate = job_steps[job_steps.index(scan) + 1]
     assert gate["if"] == "always()"
     assert gate["env"]["CODE"] == "${{ steps.scan.outputs.exit-code }}"
-    for case in ("0)", "1)", "4)", "*)"):
+    for case in ("0)", "1)", "4)", '"")', "*)"):  # an empty code: the action failed before
         assert case in gate["run"]
     assert (ROOT / "examples" / "ci" / "README.md").is_file()
+
+
+def test_the_action_needs_no_python_files_in_the_callers_repository():
+    setup = next(s for s in load(ACTION)["runs"]["steps"]
+                 if s.get("uses", "").startswith("actions/setup-python"))
+    # setup-python's pip cache needs a requirements file or pyproject.toml in the caller's
+    # repository and fails without one.
+    assert "cache" not in setup["with"]
+
+
+def test_a_copied_action_without_a_spec_says_what_to_set():
+    install = next(s for s in load(ACTION)["runs"]["steps"] if s.get("name") == "Install robaudit")
+    assert "robaudit-spec" in install["run"] and "exit 4" in install["run"]
+
+
+def test_the_readme_snippet_never_exits_an_empty_code():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = readme[readme.index("## CI"):readme.index("## Python API")]
+    assert 'exit "$CODE"' not in ci.replace('run: exit "$CODE"', "")
+    assert "uses: ./.github/actions/robaudit-scan" in ci
+
+
+@pytest.mark.parametrize(("schema", "path"), [("vendor.github-actions", ACTION),
+                                              ("vendor.github-workflows", CI),
+                                              ("vendor.github-workflows", EXAMPLE)])
+def test_the_yaml_validates_against_githubs_schema(schema, path):
+    import subprocess
+    import sys
+
+    check = Path(sys.executable).with_name("check-jsonschema")
+    if not check.exists():
+        pytest.skip("check-jsonschema is not installed (pip install -e '.[test]')")
+    run = subprocess.run([str(check), "--builtin-schema", schema, str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
