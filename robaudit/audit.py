@@ -453,7 +453,9 @@ def _sweep(records: list[Records], eps_list: list[float],
             "eps_text": format_eps(eps),
             "robust_acc": summary.robust_acc,
             "mean_class_robust": summary.mean_class_robust,
-            "classes": [{"name": s.name, "robust": {a: r.acc for a, r in s.robust.items()}}
+            "classes": [{"name": s.name, "n": s.n,
+                         "robust": {a: r.acc for a, r in s.robust.items()},
+                         "ci95": {a: [r.low, r.high] for a, r in s.robust.items()}}
                         for s in stats],
         })
     return entries

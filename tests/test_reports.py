@@ -75,23 +75,26 @@ def test_junit_is_valid_against_the_junit_schema(hostile_doc):
     SCHEMA.validate(xml.decode("utf-8"))
     root = ET.fromstring(xml)
     suites = root.findall("testsuite")
-    assert [s.get("name") for s in suites] == ["robaudit.pgd", "robaudit.tpgd", "robaudit.dlr-t",
-                                               "robaudit.worst"]
-    for suite in suites:
-        cases = suite.findall("testcase")
-        assert len(cases) == 10 == int(suite.get("tests"))
-        assert int(suite.get("failures")) == len(suite.findall("testcase/failure"))
+    assert [s.get("name") for s in suites] == ["robaudit.gate"]
+    cases = suites[0].findall("testcase")
+    assert len(cases) == 10 == int(suites[0].get("tests")) == int(root.get("tests"))
+    assert int(suites[0].get("failures")) == len(suites[0].findall("testcase/failure"))
 
 
-def test_junit_failures_match_the_verdicts_and_carry_the_figures(hostile_doc):
+def test_junit_fails_each_flagged_class_once_and_carries_every_figure(hostile_doc):
     root = ET.fromstring(render_junit(hostile_doc))
-    worst = root.find("testsuite[@name='robaudit.worst']")
-    failed = {case.get("name") for case in worst.findall("testcase")
-              if case.find("failure") is not None}
-    assert failed == set(hostile_doc["verdict"]["flagged"])
+    cases = root.findall("testsuite/testcase")
+    failed = [case.get("name") for case in cases if case.find("failure") is not None]
+    assert failed == hostile_doc["verdict"]["flagged"]  # once each, in class order
     assert failed  # the example always has classes below 40%
-    failure = next(c for c in worst.findall("testcase") if c.find("failure") is not None)
-    assert "below the floor 40.0%" in failure.find("failure").get("message")
+    assert int(root.get("failures")) == len(failed)
+    case = next(c for c in cases if c.find("failure") is not None)
+    assert "below the floor 40.0%" in case.find("failure").get("message")
+    out = case.find("system-out").text
+    for figure in ("pgd", "tpgd", "dlr-t", "worst"):  # each attack's figure, not a test each
+        assert f" {figure} " in out, out
+    props = {p.get("name"): p.get("value") for p in root.iter("property")}
+    assert props["gate_on"] == "worst" and props["policy.min_class_robust"] == "0.4"
 
 
 def test_hostile_class_names_are_escaped_in_junit(hostile_doc):
@@ -149,3 +152,22 @@ def test_reports_and_checkpoints_keep_the_users_umask(hostile_doc, tmp_path, uma
         dict.fromkeys(files, mode)
     assert tmp.name.startswith(".model.onnx.") and tmp.suffix == ".onnx"
     assert read_json(tmp_path / "old.json") == json.loads(dumps(hostile_doc))
+
+
+def test_a_sweep_reaches_junit_and_its_json_entries_carry_intervals():
+    config = ScanConfig(model=str(DIGITS / "model.pt2"), data=str(DIGITS / "test.npz"),
+                        eps=0.2, eps_sweep=(0.1, 0.2), steps=3, per_class=4,
+                        min_class_robust=0.4,
+                        finish=())
+    doc = json.loads(dumps(to_dict(scan(config))))
+    assert [e["eps_text"] for e in doc["sweep"]] == ["0.1", "0.2"]
+    for entry in doc["sweep"]:
+        for row in entry["classes"]:
+            for figure, acc in row["robust"].items():
+                low, high = row["ci95"][figure]
+                assert low <= acc <= high and row["n"] == 4
+    root = ET.fromstring(render_junit(doc))
+    props = {p.get("name"): p.get("value") for p in root.iter("property")}
+    assert {"robust_acc.worst@eps=0.1", "robust_acc.worst@eps=0.2"} <= set(props)
+    out = root.find("testsuite/testcase/system-out").text
+    assert "at eps 0.1: pgd " in out and "at eps 0.2: pgd " in out
