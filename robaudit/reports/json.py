@@ -60,6 +60,8 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
         "partial": result.partial,
         "verdict": {
             "passed": not result.flagged,
+            # False when no policy was set: every class "passed" because none was gated.
+            "gated": policy.active,
             "exit_code": int(result.exit_code),
             "flagged": [v.name for v in result.flagged],
             "unreliable": [v.name for v in result.verdicts if v.unreliable is not None],
