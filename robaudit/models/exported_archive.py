@@ -29,12 +29,13 @@ import torch
 from robaudit.errors import ModelLoadError, first_line
 
 # Entry names (inside the archive folder) that torch.export.save writes for its one program,
-# "model"; extra/ holds the caller's extra_files, which torch reads back as text.
+# "model"; extra/ holds the caller's extra_files, which torch reads back as text. Custom and
+# opaque objects are accepted here only to be refused by name when a config lists them.
 _ENTRIES = re.compile(
     r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
     r"|models/model\.json|data/sample_inputs/model\.pt"
     r"|data/weights/(model_weights_config\.json|weight_\d+)"
-    r"|data/constants/(model_constants_config\.json|tensor_\d+)"
+    r"|data/constants/(model_constants_config\.json|(tensor|custom_obj|opaque_obj)_\d+)"
     r"|extra/[^/].*"
 )
 _REQUIRED = (
