@@ -313,3 +313,53 @@ def test_linked_class_folders_are_still_followed(tmp_path: Path) -> None:
     assert names == ["bird", "cat", "dog"]
     assert targets.tolist() == [0, 1, 2]
     assert dataset.samples[0][0] == str(root / "bird" / "more" / "a.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Python code in the serialized program itself (no pickle involved)
+
+OPENS_MARKER = "__import__('builtins').open({marker!r}, 'w')"
+
+
+def program_edited(tmp: Path, edit: Callable[[str], str]) -> Path:
+    entries = example_entries()
+    text = entries["model/models/model.json"].decode()
+    edited = edit(text)
+    assert edited != text
+    entries["model/models/model.json"] = edited.encode()
+    return archive(tmp, entries)
+
+
+def test_a_size_expression_that_runs_code_is_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # torch parses size expressions with sympify, which evaluates them as Python.
+    symbol = "Symbol('s77', positive=True, integer=True)"
+    code = OPENS_MARKER.format(marker=str(tmp_path / "PWNED"))
+    path = program_edited(tmp_path, lambda t: t.replace(
+        json.dumps(symbol), json.dumps(f"{symbol} + 0*len(str({code}))"), 1))
+    line = scan_model(capfd, tmp_path, path)
+    assert "a size is the expression" in line and "would run Python code" in line
+
+
+def test_a_graph_node_calling_python_is_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # torch resolves targets by attribute lookup from the torch module: torch.os is os.
+    path = program_edited(tmp_path, lambda t: t.replace(
+        '"target": "torch.ops.aten.linear.default"', '"target": "torch.os.system"', 1))
+    line = scan_model(capfd, tmp_path, path)
+    assert "a graph node calls 'torch.os.system'" in line
+
+
+def test_guard_code_in_the_archive_is_never_executed(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # ExportedProgram.module() execs the stored guards; robaudit builds the module without them.
+    code = OPENS_MARKER.format(marker=str(tmp_path / "PWNED"))
+    path = program_edited(tmp_path, lambda t: t.replace(
+        '"guards_code": []', json.dumps({"guards_code": [f"{code} is not None"]})[1:-1], 1))
+    assert main(["scan", str(path), "--data", str(DATA), *FAST]) in (0, 1)
+    assert not (tmp_path / "PWNED").exists()
+    torch.export.load(path).module()(torch.zeros(1, 1, 8, 8))  # the control: torch runs it
+    assert (tmp_path / "PWNED").exists()

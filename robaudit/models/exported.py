@@ -75,7 +75,9 @@ def load_exported(path: Path) -> tuple[ExportedModule, str]:
     program = load_program(path)
     _reject_training_mode(program, path)
     input_shape = _exported_input_shape(program, path)
-    module = ExportedModule(program.module(), input_shape)
+    # check_guards=False: the guards are Python source stored in the archive, which module()
+    # would exec; the input shape is checked by ExportedModule instead.
+    module = ExportedModule(program.module(check_guards=False), input_shape)
     batch = module.static_batch
     detail = "dynamic batch" if batch is None else f"static batch {batch}, chunked"
     return module, detail

@@ -12,8 +12,10 @@ fallback) with every ``torch.load`` forced to ``weights_only=True``.
 
 from __future__ import annotations
 
+import ast
 import collections
 import contextlib
+import functools
 import io
 import json
 import os
@@ -49,6 +51,16 @@ _REQUIRED = (
 # What a weights or constants config may name, per folder (custom_obj_ and opaque_obj_ constants
 # are pickled Python objects and are never accepted).
 _PAYLOADS = {"weights": re.compile(r"weight_\d+"), "constants": re.compile(r"tensor_\d+")}
+# Operators a graph node may name: torch's operator library and the operators of symbolic sizes.
+_OPERATORS = re.compile(
+    r"torch\.ops\.[A-Za-z]\w*\.[A-Za-z]\w*(\.[A-Za-z]\w*)?|torch\.sym_[a-z]+"
+    r"|_operator\.(eq|ne|le|ge|lt|gt|neg|pos|mul|add|sub|floordiv|mod|pow|truediv|and_|or_"
+    r"|not_|getitem)|math\.(trunc|floor|ceil|sqrt)"
+)
+_EXPRESSION_NODES = (
+    ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.keyword, ast.Load,
+    ast.operator, ast.unaryop, ast.boolop, ast.cmpop,
+)
 _FORCE_VARIABLES = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
 _REEXPORT = f"re-export it with torch.export.save under torch {torch.__version__}"
 
@@ -67,6 +79,7 @@ def check_archive(path: Path) -> None:
             f"{_REEXPORT}"
         ) from exc
     _check_names(path, names)
+    _check_program(path, reader.read_string("models/model.json"))
     for kind, pattern in _PAYLOADS.items():
         for name in _payloads(path, reader, kind, pattern):
             _prove_weights_only(reader.read_bytes(name), path, name)
@@ -136,6 +149,76 @@ def _check_names(path: Path, names: list[str]) -> None:
         raise ModelLoadError(
             f"{path} is an incomplete torch.export archive (no {missing[0]}); {_REEXPORT}"
         )
+
+
+def _check_program(path: Path, text: str) -> None:
+    """Refuse graph operators and size expressions that would run Python code.
+
+    torch resolves a node's operator by attribute lookup from the torch, operator and math
+    modules and calls it when the model runs, and evaluates size expressions with sympify (eval).
+    """
+    try:
+        pending: list[Any] = [json.loads(text)]
+    except (ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"{path} has an unreadable models/model.json; {_REEXPORT}") from exc
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending += item
+        if not isinstance(item, dict):
+            continue
+        pending += item.values()
+        target, expr = item.get("target"), item.get("expr_str")
+        if "inputs" in item and isinstance(target, str) and not _OPERATORS.fullmatch(target):
+            raise _code_error(path, "a graph node calls", target)
+        if expr is not None and not (isinstance(expr, str) and _plain_expression(expr)):
+            raise _code_error(path, "a size is the expression", expr)
+
+
+def _code_error(path: Path, what: str, text: object) -> ModelLoadError:
+    shown = repr(text) if len(repr(text)) <= 80 else repr(text)[:77] + "..."
+    return ModelLoadError(
+        f"{path}: {what} {shown}, which torch.export never writes and which would run Python "
+        "code; robaudit will not load it, re-export the model with torch.export.save"
+    )
+
+
+def _plain_expression(text: str) -> bool:
+    """Whether a size expression is sympy arithmetic on symbols: no names torch would call."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    names: set[int] = set()  # the one place a string may stand: a Symbol's name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in _sympy_classes()):
+                return False
+            if node.func.id == "Symbol" and node.args and isinstance(node.args[0], ast.Constant):
+                names.add(id(node.args[0]))
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, str) and id(node) not in names:
+                return False
+        elif isinstance(node, ast.Name):
+            if node.id.startswith("_"):
+                return False
+        elif not isinstance(node, _EXPRESSION_NODES):
+            return False
+    return True
+
+
+@functools.cache
+def _sympy_classes() -> frozenset[str]:
+    """Expression classes: building them computes, unlike sympy's functions that parse strings."""
+    import sympy
+    from torch.utils._sympy import functions
+
+    return frozenset(
+        name
+        for module in (sympy, functions)
+        for name, value in vars(module).items()
+        if isinstance(value, type) and issubclass(value, sympy.Basic)
+    )
 
 
 def _payloads(path: Path, reader: Any, kind: str, pattern: re.Pattern[str]) -> list[str]:
