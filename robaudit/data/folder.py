@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,7 @@ def load_folder(path: Path, image_size: int | None) -> tuple[ImageFolder, np.nda
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import Compose, ToTensor
 
+    _refuse_link_loops(path)
     try:
         # allow_empty: an empty class folder still takes its label index, so labels keep matching
         # the model's outputs (folders are numbered in sorted order).
@@ -98,3 +100,27 @@ def load_folder(path: Path, image_size: int | None) -> tuple[ImageFolder, np.nda
     dataset.transform = Compose([ResizeCrop(size), ToTensor()])
     targets = np.asarray(dataset.targets, dtype=np.int64)
     return dataset, targets, list(dataset.classes)
+
+
+def _refuse_link_loops(path: Path) -> None:
+    """Refuse a folder whose symbolic links lead back to a folder that holds them.
+
+    torchvision's ImageFolder follows directory links (class folders are often links into a
+    shared store, and two classes may link to the same folder), so links are followed here too;
+    only a cycle is refused, because ImageFolder would list its images again at every level
+    until the operating system's link limit.
+    """
+    # The real paths of each folder's ancestors and itself; os.walk visits parents first.
+    chains = {str(path): frozenset({os.path.realpath(path)})}
+    for top, folders, _ in os.walk(path, followlinks=True):
+        chain = chains.pop(top)
+        for folder in folders:
+            child = os.path.join(top, folder)
+            real = os.path.realpath(child)
+            if real in chain:
+                raise DataError(
+                    f"image folder {path} has a symbolic-link loop: {child} leads back to "
+                    f"{real}, which holds it, so its images would be listed over and over; "
+                    "remove the link or point it outside its own parent folders"
+                )
+            chains[child] = chain | {real}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,10 +13,14 @@ import numpy as np
 import torch
 
 from robaudit.data.source import one_line
-from robaudit.errors import DataError
+from robaudit.errors import DataError, first_line
 
 # Float images may carry rounding error from whoever scaled them; beyond this they are not [0, 1].
 RANGE_TOLERANCE = 1e-6
+_SAVE_PLAIN = (
+    "save plain tensors instead, torch.save({'x': images, 'y': labels}, path), or arrays with "
+    "np.savez(path, x=images, y=labels)"
+)
 
 
 class TensorImages(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
@@ -99,11 +105,18 @@ def _read_pt(path: Path) -> dict[str, Any]:
     try:
         # weights_only=True: a .pt file is a pickle, and only plain tensors and containers are safe.
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling and zip errors come in many types, all meaning the same
+    except pickle.UnpicklingError as exc:
+        # torch's own message suggests weights_only=False, the one thing not to do with it.
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
         raise DataError(
-            f"cannot read {path} safely (torch.load with weights_only=True): "
-            f"{one_line(exc).split(' Check the documentation')[0]}; "
-            "save it with torch.save({'x': images, 'y': labels})"
+            f"cannot read {path} safely (torch.load with weights_only=True): it holds pickled "
+            f"Python objects{what} besides tensors, which robaudit will not unpickle because "
+            f"that can run code; {_SAVE_PLAIN}"
+        ) from exc
+    except Exception as exc:  # zip, storage and EOF errors come in many types, all meaning one
+        raise DataError(
+            f"cannot read {path} as a torch.save file ({first_line(exc)}); {_SAVE_PLAIN}"
         ) from exc
     if not isinstance(content, Mapping):
         raise DataError(

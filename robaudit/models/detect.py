@@ -48,6 +48,12 @@ def detect_format(path: Path) -> str:
 
     if zipfile.is_zipfile(path):
         return _detect_zip(path)
+    if head[:4] == b"PK\x03\x04":
+        # A zip's table of contents is at its end: without it the file was cut short or damaged.
+        raise ModelLoadError(
+            f"{path} is a truncated or damaged zip archive (the table of contents at its end is "
+            "missing), so not a model file robaudit can read; download, copy or export it again"
+        )
     if _looks_like_onnx(head):
         return ONNX
     if _looks_like_safetensors(head, size):

@@ -1,21 +1,18 @@
 """torch.export archives (.pt2) as modules that accept any batch size.
 
-Archives are checked before ``torch.export.load`` so that its internal pickle fallbacks never see
-anything but plain tensors, and AOTInductor packages (compiled native code) are refused.
+Archives are checked and loaded by ``exported_archive``, which keeps torch's pickle fallbacks
+from ever seeing anything but plain tensors.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from robaudit.errors import DataError, ModelLoadError, first_line
+from robaudit.errors import DataError, ModelLoadError
+from robaudit.models.exported_archive import check_archive, load_program
 
 
 class ExportedModule(nn.Module):
@@ -74,86 +71,16 @@ class ExportedModule(nn.Module):
 
 def load_exported(path: Path) -> tuple[ExportedModule, str]:
     """Load a torch.export archive; returns the module and a description of its batch size."""
-    _check_exported_archive(path)
-    try:
-        # A file object: torch.export.load warns about paths that do not end in .pt2.
-        with path.open("rb") as f:
-            program = torch.export.load(f)
-    except Exception as exc:  # torch raises many types for incompatible or damaged archives
-        raise ModelLoadError(
-            f"cannot load torch.export archive {path} ({type(exc).__name__}: "
-            f"{first_line(exc)}); re-export it with torch {torch.__version__}"
-        ) from exc
+    check_archive(path)
+    program = load_program(path)
     _reject_training_mode(program, path)
     input_shape = _exported_input_shape(program, path)
-    module = ExportedModule(program.module(), input_shape)
+    # check_guards=False: the guards are Python source stored in the archive, which module()
+    # would exec; the input shape is checked by ExportedModule instead.
+    module = ExportedModule(program.module(check_guards=False), input_shape)
     batch = module.static_batch
     detail = "dynamic batch" if batch is None else f"static batch {batch}, chunked"
     return module, detail
-
-
-def _check_exported_archive(path: Path) -> None:
-    """Refuse archives whose loading would unpickle Python objects or load compiled code."""
-    with zipfile.ZipFile(path) as zf:
-        entries = {n.split("/", 1)[1]: n for n in zf.namelist() if "/" in n}
-
-        def read(name: str) -> bytes:
-            return zf.read(entries[name])
-
-        if any(n.startswith("data/aotinductor/") for n in entries):
-            raise ModelLoadError(
-                f"{path} is an AOTInductor package holding compiled native code, which robaudit "
-                "will not load; save the program with torch.export.save instead"
-            )
-        models = [
-            n[len("models/") : -len(".json")]
-            for n in entries
-            if n.startswith("models/") and n.endswith(".json")
-        ]
-        pickled: list[str] = []
-        for model in models:
-            pickled += [
-                n
-                for n in (
-                    f"data/sample_inputs/{model}.pt",
-                    f"data/weights/{model}.pt",
-                    f"data/constants/{model}.pt",
-                )
-                if n in entries
-            ]
-            for kind in ("weights", "constants"):
-                config_name = f"data/{kind}/{model}_{kind}_config.json"
-                if config_name not in entries:
-                    continue
-                try:
-                    config = json.loads(read(config_name))["config"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ModelLoadError(
-                        f"{path} has an unreadable {config_name}; re-export the model"
-                    ) from exc
-                for meta in config.values():
-                    name = str(meta.get("path_name", ""))
-                    if name.startswith(("custom_obj_", "opaque_obj_")):
-                        raise ModelLoadError(
-                            f"{path} holds pickled Python objects ({name}) that robaudit will not "
-                            "unpickle because that can run code; export a model whose constants "
-                            "are plain tensors"
-                        )
-                    if meta.get("use_pickle"):
-                        pickled.append(f"data/{kind}/{name}")
-        for name in pickled:
-            if name in entries:
-                _load_weights_only(read(name), f"{path} (entry {name})")
-
-
-def _load_weights_only(data: bytes, where: str) -> object:
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelLoadError(
-            f"{where} holds pickled Python objects that robaudit will not unpickle because that "
-            "can run code; export a model whose weights and inputs are plain tensors"
-        ) from exc
 
 
 def _reject_training_mode(program: torch.export.ExportedProgram, path: Path) -> None:

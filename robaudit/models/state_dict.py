@@ -142,6 +142,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     header_len = int.from_bytes(data[:8], "little")
     try:
         header = json.loads(data[8 : 8 + header_len])
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
         tensors: dict[str, torch.Tensor] = {}
         for name, meta in header.items():
             if name == "__metadata__":
@@ -151,15 +153,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             shape = [int(s) for s in meta["shape"]]
             count = math.prod(shape)
             itemsize = torch.empty((), dtype=dtype).element_size()
-            if end > len(data) or end - start != count * itemsize:
+            if min(shape, default=0) < 0 or end > len(data) or end - start != count * itemsize:
                 raise ValueError(f"tensor {name!r} does not fit the file")
             if count == 0:
                 tensors[name] = torch.empty(shape, dtype=dtype)
                 continue
             flat = torch.frombuffer(data, dtype=dtype, count=count, offset=start)
             tensors[name] = flat.reshape(shape).clone()
+    except RecursionError as exc:  # json recurses once per level of nesting
+        raise ModelLoadError(
+            f"{path} is not a valid safetensors file (its header nests too deeply to be a tensor "
+            "index); save it again with safetensors"
+        ) from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(
-            f"{path} is not a valid safetensors file ({exc}); save it again"
+            f"{path} is not a valid safetensors file ({first_line(exc)}); save it again"
         ) from exc
     return tensors
