@@ -88,6 +88,12 @@ class Records:
     def __len__(self) -> int:
         return int(sum(len(part) for part in self.y))
 
+    @property
+    def independent(self) -> list[str]:
+        """The attacks whose columns stand alone (each ran on every clean-correct example): the
+        ones that can be ranked and compared with each other."""
+        return [a for a in self.attack_names if a not in self.carried]
+
     def array(self, name: str, attack: str | None = None) -> np.ndarray:
         """One field concatenated over batches."""
         parts = getattr(self, name) if attack is None else getattr(self, name).get(attack, [])
@@ -229,9 +235,9 @@ def summarize(records: Records, stats: Sequence[ClassStats]) -> Summary:
         best_class_robust=float(worst_acc[best_i]),
         gap=float(worst_acc[best_i] - worst_acc[worst_i]),
         std=float(worst_acc.std()),
-        rank_correlation=_rank_correlations(
-            [a for a in records.attack_names if a not in records.carried], present),
-        gain_split=_gain_split(records.attack_names, present),
+        rank_correlation=_rank_correlations(records.independent, present),
+        # A cumulative column always "breaks more" than the attacks it carries: not a gain.
+        gain_split=_gain_split(records.independent, present),
         runtime_clean_acc=(
             None if len(runtime_clean) == 0 else _mean(runtime_clean.astype(np.int64) == y)
         ),

@@ -80,3 +80,20 @@ def test_summary_across_classes():
     assert s.gap == 0.0
     assert s.mean_forwards["pgd"] == pytest.approx((1 + 21 * 3 + 21) / 5)
     assert s.gain_split is None or s.gain_split.total_broken == 0
+
+
+def test_a_cumulative_column_is_neither_ranked_nor_counted_as_a_gain():
+    # A finish column that carries pgd's and cw's breaks and adds one: it "breaks" 3 examples
+    # of class 0 where pgd breaks 1, but only because it includes pgd.
+    r = records()
+    r.attack_names.append("dlr-t")
+    r.adv_pred["dlr-t"] = [np.array([2, 1, 2, 0, 1, 0])]
+    r.adv_margin["dlr-t"] = [np.array([-0.5, -0.1, -0.2, 1.0, 0.4, -1.0])]
+    r.forwards["dlr-t"] = [np.array([0, 0, 5, 21, 21, 0])]
+    r.bad_gradient["dlr-t"] = [np.zeros(6, dtype=bool)]
+    r.carried.append("dlr-t")
+    s = summarize(r, class_stats(r, ["a", "b", "c"]))
+    assert r.independent == ["pgd", "cw"]
+    assert s.robust_acc["dlr-t"] == pytest.approx(2 / 6)
+    assert s.gain_split is None or {s.gain_split.weakest, s.gain_split.strongest} <= {"pgd", "cw"}
+    assert all("dlr-t" not in pair for pair in (s.rank_correlation or {}))

@@ -111,6 +111,8 @@ def build_view(doc: dict[str, Any]) -> dict[str, Any]:
     thresholds = _thresholds(gate)
     return {
         "attacks": attacks,
+        # Columns that ran on the earlier attacks' survivors: robust after all of them.
+        "cumulative": [a["name"] for a in doc["attacks"] if a.get("stage", "scan") != "scan"],
         "figures": figures,
         "on": on,
         "many": many,
