@@ -415,7 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "were not written", err=True)
         return ExitCode.INTERRUPTED
     except RobauditError as e:
-        click.secho(f"error: {e}", err=True, fg="red", bold=True)
+        from robaudit.reports.terminal import shown  # a message may quote a file's content
+
+        click.secho(f"error: {shown(e)}", err=True, fg="red", bold=True)
         return e.exit_code
     except Exception:
         click.secho(
@@ -426,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         else:
             exc = sys.exc_info()[1]
-            click.echo(f"  {type(exc).__name__}: {exc}", err=True)
+            from robaudit.reports.terminal import shown
+
+            click.echo(f"  {type(exc).__name__}: {shown(exc)}", err=True)
         return ExitCode.INTERNAL_ERROR
     finally:
         if in_main_thread:  # None: the old handler was not set from Python
