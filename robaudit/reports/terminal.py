@@ -20,7 +20,6 @@ from rich.text import Text
 
 from robaudit.metrics import WORST
 
-
 # C0 and C1 controls, DEL, the line and paragraph separators and the bidirectional marks,
 # overrides and isolates: each can move the cursor, clear the screen, retitle the window or
 # reorder what the reader sees.
