@@ -396,6 +396,11 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code; the one place exceptions become exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # Under PYTHONIOENCODING=ascii or a C locale, a class name or a table's ellipsis must not
+    # end the run: what the stream cannot encode is written as a backslash escape instead.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     # SIGTERM (CI cancelling a job) ends a scan the way Ctrl-C does: partial reports, exit 2.
     # Only the main thread may set signal handlers; called from another thread, main() runs
     # without one rather than crash.

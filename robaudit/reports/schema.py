@@ -255,7 +255,8 @@ def _check_class(c: dict[str, Any], at: str, index: int, k: int, figures: set[st
         return
     for figure in sorted(figures):
         if c["robust"].get(figure) is None:
-            raise Invalid(f"{at}.robust.{figure} is missing (a figure of the report's attacks)")
+            raise Invalid(f"{at}.robust.{figure} is missing or null: a class with examples has "
+                          "a figure for every attack")
 
 
 def _check_rate(rate: dict[str, Any], at: str) -> None:
