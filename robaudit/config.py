@@ -32,9 +32,11 @@ else:  # pragma: no cover - Python 3.10
 MAX_BATCH_SIZE = 1 << 20
 #: The largest --image-size: a batch of larger images cannot be allocated.
 MAX_IMAGE_SIZE = 4096
-#: Counts beyond these are typos: a run that never ends, or an integer torch cannot hold.
-MAXIMA = {"steps": 10**6, "restarts": 10**4, "queries": 10**7, "escalation_queries": 10**7,
-          "targets": 10**4, "num_classes": 10**6, "image_size": MAX_IMAGE_SIZE}
+#: The least and the most each count may be. Beyond the most it is a typo: a run that never
+#: ends, or an integer torch cannot hold.
+COUNTS = {"steps": (1, 10**6), "restarts": (1, 10**4), "queries": (1, 10**7),
+          "escalation_queries": (1, 10**7), "targets": (1, 10**4), "per_class": (1, None),
+          "limit": (1, None), "image_size": (1, MAX_IMAGE_SIZE), "num_classes": (2, 10**6)}
 DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -223,15 +225,9 @@ def validate(config: ScanConfig) -> None:
           f"mode must be 'each' or 'worst-case', got {config.mode!r}")
     check("schedule", config.schedule in ("fixed", "halving"),
           f"schedule must be 'fixed' or 'halving', got {config.schedule!r}")
-    check("steps", config.steps >= 1, f"steps must be at least 1, got {config.steps}")
-    check("restarts", config.restarts >= 1, f"restarts must be at least 1, got {config.restarts}")
     check("norm", config.norm in ("linf", "l2"),
           f"norm must be 'linf' or 'l2', got {config.norm!r}")
-    check("queries", config.queries >= 1, f"queries must be at least 1, got {config.queries}")
-    check("escalation_queries", config.escalation_queries >= 1,
-          f"escalation_queries must be at least 1, got {config.escalation_queries}")
-    check("targets", config.targets is None or config.targets >= 1,
-          f"targets must be at least 1, got {config.targets}")
+    _check_counts(config, check)
     check("batch_size", config.batch_size is None or 1 <= config.batch_size <= MAX_BATCH_SIZE,
           f"batch_size must be between 1 and {MAX_BATCH_SIZE:,}, got {config.batch_size}")
     # Negative seeds are refused by numpy's generator, which samples the data.
@@ -241,14 +237,6 @@ def validate(config: ScanConfig) -> None:
           f"step_size must be positive, got {config.step_size}")
     check("temperatures", bool(config.temperatures) and all(t > 0 for t in config.temperatures),
           f"temperatures must be positive numbers, got {list(config.temperatures)}")
-    for name in ("per_class", "limit", "image_size"):
-        value = getattr(config, name)
-        check(name, value is None or value >= 1, f"{name} must be at least 1, got {value}")
-    check("num_classes", config.num_classes is None or config.num_classes >= 2,
-          f"num_classes must be at least 2, got {config.num_classes}")
-    for name, top in MAXIMA.items():
-        value = getattr(config, name)
-        check(name, value is None or value <= top, f"{name} must be at most {top:,}, got {value}")
     for name in ("min_class_robust", "max_gap", "max_drop"):
         value = getattr(config, name)
         check(name, value is None or 0 <= value <= 1,
@@ -315,6 +303,16 @@ def describe_attacks(config: ScanConfig, names: Sequence[str]) -> list[dict[str,
             entry["temperatures"] = list(config.temperatures)
         described.append(entry)
     return described
+
+
+def _check_counts(config: ScanConfig, check: Callable[[str, bool, str], None]) -> None:
+    for name, (least, most) in COUNTS.items():
+        value = getattr(config, name)
+        check(name, value is None or value >= least, f"{name} must be at least {least}, got "
+              f"{value}")
+        if most is not None:
+            check(name, value is None or value <= most, f"{name} must be at most {most:,}, got "
+                  f"{value}")
 
 
 def _check_attacks(config: ScanConfig, check: Callable[[str, bool, str], None]) -> None:
