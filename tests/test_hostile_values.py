@@ -250,6 +250,16 @@ def test_the_unedited_report_passes_the_checks(report: Path,
     assert doc["classes"][5]["robust"]["worst"]["correct"] == 4  # what acc-not-counts assumes
 
 
+def test_a_report_without_a_gap_shows_a_dash(report: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    doc = json.loads(report.read_text())
+    doc["summary"]["gap"] = doc["summary"]["std"] = None  # no class measured: NaN, written null
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    assert main(["report", str(path)]) == ExitCode.FLAGGED
+    assert ", gap -, std -" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # An output encoding that cannot hold the names
 

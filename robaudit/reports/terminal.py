@@ -69,6 +69,11 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _pp(value: float | None) -> str:
+    """Percentage points; "-" where no class had examples to measure (null in the report)."""
+    return "-" if value is None else f"{value * 100:.1f} pp"
+
+
 class TerminalReporter:
     """Everything robaudit shows a person. ``verbosity``: -1 quiet, 0 normal, 1 verbose."""
 
@@ -183,7 +188,7 @@ class TerminalReporter:
         self.console.print(Text(
             f"worst class {s['worst_class']['name']} {_pct(s['worst_class']['robust_acc'])}, "
             f"best {s['best_class']['name']} {_pct(s['best_class']['robust_acc'])}, "
-            f"gap {s['gap'] * 100:.1f} pp, std {s['std'] * 100:.1f} pp"
+            f"gap {_pp(s['gap'])}, std {_pp(s['std'])}"
         ))
         for pair, rho in s["rank_correlation"].items():
             rho_text = "undefined" if rho is None else f"{rho:.2f}"
