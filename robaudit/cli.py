@@ -394,6 +394,11 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code; the one place exceptions become exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # Under PYTHONIOENCODING=ascii or a C locale, a class name or a table's ellipsis must not
+    # end the run: what the stream cannot encode is written as a backslash escape instead.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     # SIGTERM (CI cancelling a job) ends a scan the way Ctrl-C does: partial reports, exit 2.
     # Only the main thread may set signal handlers; called from another thread, main() runs
     # without one rather than crash.
@@ -413,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "were not written", err=True)
         return ExitCode.INTERRUPTED
     except RobauditError as e:
-        click.secho(f"error: {e}", err=True, fg="red", bold=True)
+        from robaudit.reports.terminal import shown  # a message may quote a file's content
+
+        click.secho(f"error: {shown(e)}", err=True, fg="red", bold=True)
         return e.exit_code
     except Exception:
         click.secho(
@@ -424,7 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         else:
             exc = sys.exc_info()[1]
-            click.echo(f"  {type(exc).__name__}: {exc}", err=True)
+            from robaudit.reports.terminal import shown
+
+            click.echo(f"  {type(exc).__name__}: {shown(exc)}", err=True)
         return ExitCode.INTERNAL_ERROR
     finally:
         if in_main_thread:  # None: the old handler was not set from Python

@@ -13,12 +13,12 @@ import re
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robaudit.errors import ConfigError, MissingSetting
 from robaudit.gate import GatePolicy
+from robaudit.values import format_eps, parse_fraction, split_list
 
 if TYPE_CHECKING:
     from robaudit.attacks import AttackSettings
@@ -30,6 +30,13 @@ else:  # pragma: no cover - Python 3.10
 
 #: A batch this large is a typo: the attack engine allocates per-slot state up front.
 MAX_BATCH_SIZE = 1 << 20
+#: The largest --image-size: a batch of larger images cannot be allocated.
+MAX_IMAGE_SIZE = 4096
+#: The least and the most each count may be. Beyond the most it is a typo: a run that never
+#: ends, or an integer torch cannot hold.
+COUNTS = {"steps": (1, 10**6), "restarts": (1, 10**4), "queries": (1, 10**7),
+          "escalation_queries": (1, 10**7), "targets": (1, 10**4), "per_class": (1, None),
+          "limit": (1, None), "image_size": (1, MAX_IMAGE_SIZE), "num_classes": (2, 10**6)}
 DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -161,46 +168,6 @@ GATE_EPS = "gate_eps"
 INPUT_PATHS = ("data", "data_root", "class_names", "baseline")
 
 
-def parse_fraction(text: str | float | int, what: str = "eps") -> float:
-    """``0.03``, ``8/255``, ``0.5/255`` (any fraction of two numbers) or a number; ConfigError
-    for anything else."""
-    if isinstance(text, bool):
-        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}", key=what)
-    if isinstance(text, (int, float)):
-        return float(text)
-    if not isinstance(text, str):  # a TOML table or date, say
-        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}", key=what)
-    try:
-        # Fraction alone reads "8/255" but not "0.5/255": each side is read on its own.
-        numerator, slash, denominator = text.partition("/")
-        if "/" in denominator:
-            raise ValueError(text)
-        value = Fraction(numerator.strip())
-        return float(value / Fraction(denominator.strip()) if slash else value)
-    except (ValueError, ZeroDivisionError):
-        raise ConfigError(f"{what} must be a number like 0.03 or 8/255, not {text!r}",
-                          key=what) from None
-
-
-def format_eps(eps: float) -> str:
-    """A short decimal (``0.2``) when there is one, else ``8/255`` for whole 8-bit grey levels."""
-    short = f"{eps:.4g}"
-    if float(short) == eps:
-        return short
-    levels = eps * 255
-    if abs(levels - round(levels)) < 1e-9 and round(levels) > 0:
-        return f"{round(levels)}/255"
-    return f"{eps:g}"
-
-
-def _split_list(value: Any) -> list[Any]:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
-
-
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text",
                "tuple[str, ...]": "a list of names", "tuple[float, ...]": "a list of numbers"}
 
@@ -224,14 +191,14 @@ def coerce_value(name: str, value: Any) -> Any:
                 return value.lower() in ("true", "1", "yes")
             raise ValueError
         if kind == "tuple[str, ...]":
-            return tuple(str(v) for v in _split_list(value))
+            return tuple(str(v) for v in split_list(value))
         if kind in ("tuple[float, ...]", "tuple[float, ...] | None"):
-            return tuple(parse_fraction(v, name) for v in _split_list(value))
+            return tuple(parse_fraction(v, name) for v in split_list(value))
         if kind in ("str", "str | None"):
             if not isinstance(value, (str, Path)):
                 raise ValueError
             return str(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         expected = _KIND_WORDS.get(kind.removesuffix(" | None"), kind)
         raise ConfigError(f"{name} has an invalid value {value!r} (expected {expected})",
                           key=name) from None
@@ -258,15 +225,9 @@ def validate(config: ScanConfig) -> None:
           f"mode must be 'each' or 'worst-case', got {config.mode!r}")
     check("schedule", config.schedule in ("fixed", "halving"),
           f"schedule must be 'fixed' or 'halving', got {config.schedule!r}")
-    check("steps", config.steps >= 1, f"steps must be at least 1, got {config.steps}")
-    check("restarts", config.restarts >= 1, f"restarts must be at least 1, got {config.restarts}")
     check("norm", config.norm in ("linf", "l2"),
           f"norm must be 'linf' or 'l2', got {config.norm!r}")
-    check("queries", config.queries >= 1, f"queries must be at least 1, got {config.queries}")
-    check("escalation_queries", config.escalation_queries >= 1,
-          f"escalation_queries must be at least 1, got {config.escalation_queries}")
-    check("targets", config.targets is None or config.targets >= 1,
-          f"targets must be at least 1, got {config.targets}")
+    _check_counts(config, check)
     check("batch_size", config.batch_size is None or 1 <= config.batch_size <= MAX_BATCH_SIZE,
           f"batch_size must be between 1 and {MAX_BATCH_SIZE:,}, got {config.batch_size}")
     # Negative seeds are refused by numpy's generator, which samples the data.
@@ -276,11 +237,6 @@ def validate(config: ScanConfig) -> None:
           f"step_size must be positive, got {config.step_size}")
     check("temperatures", bool(config.temperatures) and all(t > 0 for t in config.temperatures),
           f"temperatures must be positive numbers, got {list(config.temperatures)}")
-    for name in ("per_class", "limit", "image_size"):
-        value = getattr(config, name)
-        check(name, value is None or value >= 1, f"{name} must be at least 1, got {value}")
-    check("num_classes", config.num_classes is None or config.num_classes >= 2,
-          f"num_classes must be at least 2, got {config.num_classes}")
     for name in ("min_class_robust", "max_gap", "max_drop"):
         value = getattr(config, name)
         check(name, value is None or 0 <= value <= 1,
@@ -347,6 +303,16 @@ def describe_attacks(config: ScanConfig, names: Sequence[str]) -> list[dict[str,
             entry["temperatures"] = list(config.temperatures)
         described.append(entry)
     return described
+
+
+def _check_counts(config: ScanConfig, check: Callable[[str, bool, str], None]) -> None:
+    for name, (least, most) in COUNTS.items():
+        value = getattr(config, name)
+        check(name, value is None or value >= least, f"{name} must be at least {least}, got "
+              f"{value}")
+        if most is not None:
+            check(name, value is None or value <= most, f"{name} must be at most {most:,}, got "
+                  f"{value}")
 
 
 def _check_attacks(config: ScanConfig, check: Callable[[str, bool, str], None]) -> None:
@@ -445,7 +411,7 @@ def _split_eps(values: dict[str, Any]) -> dict[str, Any]:
         if chosen is not None:
             values["eps"] = chosen
         return values
-    all_eps = [parse_fraction(v, "eps") for v in _split_list(values["eps"])]
+    all_eps = [parse_fraction(v, "eps") for v in split_list(values["eps"])]
     if not all_eps:
         raise ConfigError("eps is empty; give a number like 0.03 or 8/255", key="eps")
     values["eps"] = chosen = max(all_eps) if chosen is None else chosen

@@ -7,6 +7,7 @@ The one module besides the CLI that imports rich. Colour follows rich's detectio
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,36 @@ from rich.table import Table
 from rich.text import Text
 
 from robaudit.metrics import WORST
+
+# C0 and C1 controls, DEL, the line and paragraph separators and the bidirectional marks,
+# overrides and isolates: each can move the cursor, clear the screen, retitle the window or
+# reorder what the reader sees.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(value: object) -> str:
+    """``value`` as text a terminal shows as it is: each control character as its escape
+    (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    For every string from data or files (class names, paths, a report's fields, messages that
+    quote them). Rich markup needs no escaping: robaudit's consoles read none, and data reaches
+    them as ``Text``.
+    """
+    text = str(value)
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _shown_doc(value: Any) -> Any:
+    """A report document with every string in it, keys too, passed through :func:`shown`."""
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, dict):
+        return {_shown_doc(k): _shown_doc(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shown_doc(v) for v in value]
+    return value
 
 
 def _attack_label(attack: dict[str, Any]) -> str:
@@ -38,13 +69,18 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _pp(value: float | None) -> str:
+    """Percentage points; "-" where no class had examples to measure (null in the report)."""
+    return "-" if value is None else f"{value * 100:.1f} pp"
+
+
 class TerminalReporter:
     """Everything robaudit shows a person. ``verbosity``: -1 quiet, 0 normal, 1 verbose."""
 
     def __init__(self, verbosity: int = 0, console: Console | None = None) -> None:
         self.verbosity = verbosity
-        self.console = console or Console(highlight=False)
-        self.errors = Console(stderr=True, highlight=False)
+        self.console = console or Console(highlight=False, markup=False)
+        self.errors = Console(stderr=True, highlight=False, markup=False)
         self.interactive = self.console.is_terminal and not os.environ.get("CI")
 
     @contextmanager
@@ -53,8 +89,8 @@ class TerminalReporter:
         if not self.interactive:
             yield self._log_progress if self.verbosity > 0 else (lambda _event: None)
             return
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn())
+        columns = (TextColumn("{task.description}", markup=False), BarColumn(),
+                   MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=True) as bar:
             task = bar.add_task("starting", total=None)
 
@@ -70,17 +106,18 @@ class TerminalReporter:
         self.errors.print(f"robaudit: {event.stage}{counts}", soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        self.errors.print(Text(f"warning: {message}", style="yellow"))
+        self.errors.print(Text(f"warning: {shown(message)}", style="yellow"))
 
     def error(self, message: str) -> None:
-        self.errors.print(Text(f"error: {message}", style="bold red"))
+        self.errors.print(Text(f"error: {shown(message)}", style="bold red"))
 
     def info(self, message: str) -> None:
         if self.verbosity >= 0:
-            self.console.print(Text(message))
+            self.console.print(Text(shown(message)))
 
     def render(self, doc: dict[str, Any]) -> None:
         """The scan's result: header, table, summary, flagged reasons, warnings, verdict line."""
+        doc = _shown_doc(doc)
         if self.verbosity >= 0:
             self._header(doc)
             self.console.print(self._table(doc))
@@ -151,12 +188,12 @@ class TerminalReporter:
         self.console.print(Text(
             f"worst class {s['worst_class']['name']} {_pct(s['worst_class']['robust_acc'])}, "
             f"best {s['best_class']['name']} {_pct(s['best_class']['robust_acc'])}, "
-            f"gap {s['gap'] * 100:.1f} pp, std {s['std'] * 100:.1f} pp"
+            f"gap {_pp(s['gap'])}, std {_pp(s['std'])}"
         ))
         for pair, rho in s["rank_correlation"].items():
-            shown = "undefined" if rho is None else f"{rho:.2f}"
-            self.console.print(f"class ranking agreement {pair.replace('~', ' vs ')}: "
-                               f"Spearman {shown}")
+            rho_text = "undefined" if rho is None else f"{rho:.2f}"
+            self.console.print(Text(f"class ranking agreement {pair.replace('~', ' vs ')}: "
+                                    f"Spearman {rho_text}"))
         if s["runtime_robust_acc"] is not None:
             self.console.print(
                 f"onnxruntime confirms: clean {_pct(s['runtime_clean_acc'])}, robust (worst case) "
@@ -194,6 +231,7 @@ class TerminalReporter:
 
         ``reasons=False`` after a scan's own report, which has already named the dropped classes.
         """
+        doc = _shown_doc(doc)
         figure = "worst case" if doc["figure"] == WORST else doc["figure"]
         allowed = f"{doc['max_drop'] * 100:.1f} pp"
         if self.verbosity >= 0:
@@ -238,7 +276,7 @@ class TerminalReporter:
         table.add_column("verdict")
         for c in doc["classes"]:
             flagged = not c["passed"]
-            table.add_row(c["name"], str(c["n"]), _pct(c["baseline"]), _pct(c["current"]),
+            table.add_row(Text(c["name"]), str(c["n"]), _pct(c["baseline"]), _pct(c["current"]),
                           f"{c['delta'] * 100:+.1f} pp", "DROPPED" if flagged else "passed",
                           style="bold red" if flagged else None)
         return table
@@ -250,19 +288,19 @@ class TerminalReporter:
         if not self.interactive:
             yield self._log_harden if self.verbosity > 0 else (lambda _event: None)
             return
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn())
+        columns = (TextColumn("{task.description}", markup=False), BarColumn(),
+                   MofNCompleteColumn(), TimeRemainingColumn())
         worst = {"text": ""}
         with Progress(*columns, console=self.console, transient=True) as bar:
             task = bar.add_task("starting", total=None)
 
             def update(event: Any) -> None:
                 if event.worst_class is not None:
-                    worst["text"] = f", worst class {event.worst_class} " \
+                    worst["text"] = f", worst class {shown(event.worst_class)} " \
                                     f"{_pct(event.worst_robust)}"
                 if event.stage == "trained":
-                    self.console.print(f"epoch {event.epoch}/{event.epochs}: loss "
-                                       f"{event.loss:.3f}{worst['text']}")
+                    self.console.print(Text(f"epoch {event.epoch}/{event.epochs}: loss "
+                                            f"{event.loss:.3f}{worst['text']}"))
                     return
                 label = event.stage
                 if event.epochs:
@@ -283,12 +321,13 @@ class TerminalReporter:
         if event.loss is not None:
             parts.append(f"loss {event.loss:.3f}")
         if event.worst_class is not None:
-            parts.append(f"worst class {event.worst_class} {_pct(event.worst_robust)}")
+            parts.append(f"worst class {shown(event.worst_class)} {_pct(event.worst_robust)}")
         self.errors.print(" ".join(parts), soft_wrap=True)
 
     def render_harden(self, doc: dict[str, Any]) -> None:
         """A harden report: the scan of the hardened model, then the per-class before/after
         table, what was kept and where it was written."""
+        doc = _shown_doc(doc)
         self.render(doc["after"])
         for warning in doc.get("warnings", []):
             self.warn(warning)
@@ -309,47 +348,47 @@ class TerminalReporter:
             if c["n"] == 0:
                 continue
             b, a = c["before"], c["after"]
-            cells = [c["name"], pair(b["clean"], a["clean"])]
+            cells: list[str | Text] = [Text(c["name"]), pair(b["clean"], a["clean"])]
             cells += [pair(b["robust"][n], a["robust"][n]) for n in attacks]
             cells.append(pair(b["robust"][WORST], a["robust"][WORST]))
             cells.append(f"{(a['robust'][WORST] - b['robust'][WORST]) * 100:+.1f} pp")
             table.add_row(*cells, style=None if c["passed"] else "bold red")
         self.console.print(table)
         before, after = doc["before"]["summary"], doc["after"]["summary"]
-        self.console.print(
+        self.console.print(Text(
             f"worst class {before['worst_class']['name']} "
             f"{_pct(before['worst_class']['robust_acc'])} -> {after['worst_class']['name']} "
             f"{_pct(after['worst_class']['robust_acc'])}; class mean "
             f"{_pct(before['mean_class_robust'][WORST])} -> "
             f"{_pct(after['mean_class_robust'][WORST])}; clean {_pct(before['clean_acc'])} -> "
             f"{_pct(after['clean_acc'])}"
-        )
+        ))
         self._harden_selection(doc)
         if doc["calibration"] is not None:
             bias = ", ".join(f"{v:+.2f}" for v in doc["calibration"]["bias"])
-            self.console.print(f"calibration: per-class logit bias [{bias}]")
+            self.console.print(Text(f"calibration: per-class logit bias [{bias}]"))
         model = doc["model"]
-        self.console.print(f"hardened model: {model['output']} ({model['format']}); class "
-                           f"weights: {model['class_weights']}")
+        self.console.print(Text(f"hardened model: {model['output']} ({model['format']}); class "
+                                f"weights: {model['class_weights']}"))
 
     def _harden_selection(self, doc: dict[str, Any]) -> None:
         """Where validation came from, the budget, which epochs met it and which was kept."""
         holdout = doc.get("validation", {}).get("holdout")
         if holdout:
-            self.console.print(
+            self.console.print(Text(
                 f"validation: {holdout['held_out']} examples held out of the training data "
                 f"({holdout['fraction']:.0%} of each class, seed {holdout['seed']}), never "
-                f"trained on; before/after scans on them: {holdout['file']}")
+                f"trained on; before/after scans on them: {holdout['file']}"))
         kept = doc["kept"]
         budget, val = kept["budget"], kept["validation"]
         epochs = ", ".join(str(e) for e in kept["within_budget"])
         self.console.print(
             f"budget: class mean >= {_pct(budget['mean_floor'])}, clean >= "
             f"{_pct(budget['clean_floor'])} on validation; epochs within it: {epochs}")
-        self.console.print(
+        self.console.print(Text(
             f"kept epoch {kept['epoch']} (highest worst-class robust accuracy within the "
             f"budget: {val['worst_class']} {_pct(val['worst_robust'])}, class mean "
-            f"{_pct(val['mean_robust'])}, clean {_pct(val['clean_acc'])})")
+            f"{_pct(val['mean_robust'])}, clean {_pct(val['clean_acc'])})"))
 
 def _ranking_line(doc: dict[str, Any]) -> str:
     """Whether the two reports agree on the weak classes: Spearman and the biggest moves."""
