@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from robaudit.attacks import build_attack, example_seed
-from robaudit.attacks.jobs import auto_batch_size
 from robaudit.attacks.losses import margin
+from robaudit.attacks.memory import plan_batch
 from robaudit.attacks.stream import BatchAudit, audit_batch
 from robaudit.config import ScanConfig, attack_settings
 from robaudit.data import iter_batches, load_data, select_indices
+from robaudit.errors import UsageError
 from robaudit.harden.reweight import ClassSettings
 from robaudit.metrics import Records, class_stats, summarize
 
@@ -61,6 +62,14 @@ def load_split(spec: str, scan: ScanConfig, *, split: str) -> Split:
         ys.append(y)
         idx.append(i)
     return Split(torch.cat(xs), torch.cat(ys).long(), torch.cat(idx), list(source.class_names))
+
+
+class Diverged(UsageError):
+    """Training reached a non-finite loss or weight: its message says where."""
+
+    def __init__(self, epoch: int, batch: int, what: str) -> None:
+        super().__init__(f"training diverged at epoch {epoch}, batch {batch}: {what}")
+        self.epoch = epoch
 
 
 @dataclass
@@ -152,9 +161,12 @@ def train_epoch(
             else:
                 w = (nat[y] + bndy[y]) / 2
                 loss = (w * F.cross_entropy(adv_logits, y, reduction="none")).sum() / w.sum()
+            if not torch.isfinite(loss):  # one step more would carry it into the weights
+                raise Diverged(epoch, b + 1, f"the loss became {float(loss.detach())}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            _check_weights(module, epoch, b + 1)
             hit = adv_logits.detach().argmax(dim=1) == y
             correct += torch.bincount(y[hit], minlength=k)
             seen += torch.bincount(y, minlength=k)
@@ -167,6 +179,15 @@ def train_epoch(
     robust = [c / n if n else 1.0
               for c, n in zip(correct.tolist(), seen.tolist(), strict=True)]
     return EpochStats(float(total) / max(count, 1), robust)
+
+
+def _check_weights(module: nn.Module, epoch: int, batch: int) -> None:
+    params = list(module.parameters())
+    finite = torch.stack([p.detach().isfinite().all() for p in params]) if params else None
+    if finite is not None and not bool(finite.all()):
+        name = next(n for (n, p), ok in zip(module.named_parameters(), finite.tolist(),
+                                            strict=True) if not ok)
+        raise Diverged(epoch, batch, f"the weights became non-finite ({name})")
 
 
 @dataclass
@@ -201,7 +222,7 @@ def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,
     was_training = module.training
     module.eval()
     try:
-        size = scan.batch_size or auto_batch_size(data.x[0].numel())
+        size, _warning = plan_batch(model, data.x[0], scan.batch_size)  # the scan warned
         for begin in range(0, len(data.y), size):
             x = data.x[begin:begin + size]
             y = data.y[begin:begin + size]
