@@ -129,10 +129,8 @@ def train_epoch(
 ) -> EpochStats:
     """Fine-tune ``module`` for one epoch on ``data`` with the classes' settings."""
     device = data.x.device
-    nat = torch.tensor(settings.nat_weight, device=device)
-    bndy = torch.tensor(settings.bndy_weight, device=device)
-    eps = torch.tensor(settings.eps, device=device)
-    beta = torch.tensor(settings.beta, device=device)
+    nat, bndy, eps, beta = (torch.tensor(v, device=device) for v in (
+        settings.nat_weight, settings.bndy_weight, settings.eps, settings.beta))
     k = len(settings.eps)
     order = torch.randperm(len(data.y), generator=generator(seed, epoch, 0))
     starts = generator(seed, epoch, 1, device)
@@ -161,14 +159,11 @@ def train_epoch(
             else:
                 w = (nat[y] + bndy[y]) / 2
                 loss = (w * F.cross_entropy(adv_logits, y, reduction="none")).sum() / w.sum()
-            if not torch.isfinite(loss):  # one step more would carry it into the weights
-                raise Diverged(epoch, b + 1, f"the loss became {float(loss.detach())}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            _check_weights(module, epoch, b + 1)
-            hit = adv_logits.detach().argmax(dim=1) == y
-            correct += torch.bincount(y[hit], minlength=k)
+            _check_finite(module, loss, epoch, b + 1)
+            correct += torch.bincount(y[adv_logits.detach().argmax(dim=1) == y], minlength=k)
             seen += torch.bincount(y, minlength=k)
             total += loss.detach().double() * len(y)
             count += len(y)
@@ -181,7 +176,10 @@ def train_epoch(
     return EpochStats(float(total) / max(count, 1), robust)
 
 
-def _check_weights(module: nn.Module, epoch: int, batch: int) -> None:
+def _check_finite(module: nn.Module, loss: torch.Tensor, epoch: int, batch: int) -> None:
+    """Diverged at the first non-finite loss or weight: later epochs could only spread it."""
+    if not torch.isfinite(loss):
+        raise Diverged(epoch, batch, f"the loss became {float(loss.detach())}")
     params = list(module.parameters())
     finite = torch.stack([p.detach().isfinite().all() for p in params]) if params else None
     if finite is not None and not bool(finite.all()):
