@@ -17,7 +17,7 @@ import torch
 
 from robaudit import distributed
 from robaudit.attacks import Attack, build_attack, build_attacks
-from robaudit.attacks.jobs import DEFAULT_BATCH
+from robaudit.attacks.memory import is_out_of_memory, memory_errors, out_of_memory, plan_batch
 from robaudit.attacks.stream import EnginePool, ExampleResult, combine_parts, stream_audit
 from robaudit.compare import Figures, check_comparable, read_figures
 from robaudit.config import (
@@ -28,11 +28,7 @@ from robaudit.config import (
     format_eps,
 )
 from robaudit.data import DataSource, iter_batches, load_data, select_indices
-from robaudit.errors import (
-    ConfigError,
-    NothingToAudit,
-    UsageError,
-)
+from robaudit.errors import ConfigError, NothingToAudit, UsageError
 from robaudit.gallery import make_gallery
 from robaudit.masking import (
     SCALE_INVARIANT,
@@ -161,22 +157,23 @@ def _attack(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], No
     module = loaded.model.module
     was_training = module.training
     module.eval()
-    pool = EnginePool(module, config.batch_size, amp=config.amp)
+    first = loaded.source.dataset[int(loaded.indices[0])][0].to(loaded.device)
+    size, note = plan_batch(module, first, config.batch_size)  # the data batch's size too
+    pool = EnginePool(module, size, amp=config.amp)
     if config.amp and loaded.device.type == "cuda":
         module.to(memory_format=torch.channels_last)
-    run = _Attacked([Records(attack_names=list(config.attacks)) for _ in loaded.eps_list], [],
-                    [], None, False, pool, Escalation(), 0.0)
+    run = _Attacked([Records(attack_names=list(config.attacks)) for _ in loaded.eps_list],
+                    [note] if note else [], [], None, False, pool, Escalation(), 0.0)
     failure: Exception | None = None
     try:
         _stream(config, loaded, run, report)
     except KeyboardInterrupt:
         run.partial = True
-    except torch.cuda.OutOfMemoryError as exc:  # the user's fix: a smaller batch
-        failure = UsageError(f"out of memory on {loaded.device} with batches of "
-                             f"{pool.batch_size}; lower --batch-size")
-        failure.__cause__ = exc
-    except Exception as exc:
+    except Exception as exc:  # running out of memory is the user's to fix: a smaller batch
         failure = exc
+        if is_out_of_memory(exc):
+            failure = out_of_memory(loaded.device, size)
+            failure.__cause__ = exc
     finally:
         module.train(was_training)
     ctx = loaded.ctx
@@ -186,8 +183,9 @@ def _attack(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], No
     run.records = [distributed.gather(rec, ctx, failure) for rec in run.records]
     run.partial = distributed.any_partial(run.partial, ctx)
     if not run.partial and len(run.records[loaded.gate_e]):
-        _finish(config, loaded, run, report)
-        _escalate(config, loaded, run, report)
+        with memory_errors(loaded.device, size):
+            _finish(config, loaded, run, report)
+            _escalate(config, loaded, run, report)
     run.seconds = time.perf_counter() - started
     return run
 
@@ -197,7 +195,7 @@ def _stream(config: ScanConfig, loaded: _Loaded, run: _Attacked,
     """The attack loop: records examples as they complete (all of them kept on Ctrl-C)."""
     module, source, device = loaded.model.module, loaded.source, loaded.device
     runtime = loaded.model.runtime if config.runtime_check else None
-    data_batch = config.batch_size or DEFAULT_BATCH
+    data_batch = run.pool.batch_size
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         mine = distributed.shard(loaded.indices, loaded.ctx)
@@ -310,7 +308,7 @@ def _on_survivors(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, r
     """``attacks`` in turn on the examples of ``classes`` that every attack so far left robust
     at the ``e``-th ε, each one's runs side by side (``parts``); their columns join ``rec``.
     Returns how many examples the first one attacked."""
-    data_batch = config.batch_size or DEFAULT_BATCH
+    data_batch = run.pool.batch_size
     runtime = loaded.model.runtime if config.runtime_check and e == loaded.gate_e else None
     attacked = []
     for attack in attacks:

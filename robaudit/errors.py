@@ -65,6 +65,11 @@ class DataError(UsageError):
     """The data set cannot be read or does not fit the model."""
 
 
+class ResourceError(UsageError):
+    """The machine has too little of something the run needs (memory): a smaller working
+    batch, smaller inputs or a bigger machine is the fix."""
+
+
 class NothingToAudit(RobauditError):
     """The data set is empty after filtering."""
 

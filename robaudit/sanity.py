@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from robaudit.attacks.memory import is_out_of_memory
 from robaudit.errors import DataError, ModelOutputError
 from robaudit.metrics import Summary
 
@@ -23,6 +24,8 @@ def check_outputs(module: torch.nn.Module, x: torch.Tensor, num_classes: int,
         with torch.no_grad():
             out = module(x)
     except RuntimeError as e:
+        if is_out_of_memory(e):  # not the data's fault: the caller names --batch-size
+            raise
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         # TorchScript's first line only says that something failed; its last line says what.
         first = (lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]) if lines \

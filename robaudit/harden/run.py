@@ -18,16 +18,23 @@ from torch import nn
 from robaudit.attacks.jobs import DEFAULT_BATCH
 from robaudit.audit import ScanResult, resolve_device, scan
 from robaudit.config import ScanConfig
-from robaudit.errors import DataError, ModelOutputError
+from robaudit.errors import DataError, ModelOutputError, UsageError
 from robaudit.harden.calibrate import Calibration, calibrate
-from robaudit.harden.checkpoint import load_checkpoint, save_checkpoint
+from robaudit.harden.checkpoint import load_checkpoint, model_sha256, save_checkpoint
 from robaudit.harden.config import HardenConfig
 from robaudit.harden.export import check_exportable, write_model
 from robaudit.harden.holdout import hold_out, holdout_path, write_holdout
 from robaudit.harden.reweight import Feedback, Scheme, make_scheme
 from robaudit.harden.state import CRITERION, Budget, Candidate, RunState
-from robaudit.harden.train import Split, Validation, load_split, train_epoch, validate
-from robaudit.models import load_model
+from robaudit.harden.train import (
+    Diverged,
+    Split,
+    Validation,
+    load_split,
+    train_epoch,
+    validate,
+)
+from robaudit.models import LoadedModel, load_model
 from robaudit.reports import atomic_write
 from robaudit.reports.json import to_dict as scan_to_dict
 
@@ -103,6 +110,9 @@ def harden(config: HardenConfig, *, progress: Report | None = None) -> HardenRes
     check_exportable(loaded, config.calibrate)
     data = _prepare(config, device)
     _check_fit(loaded.module, data.train, data.val)
+    # A checkpoint that cannot be resumed is refused before the scan, not after it.
+    resumed = (load_checkpoint(config.checkpoint_path, _identity(config),
+                               loaded.module.state_dict()) if config.resume else None)
 
     report(HardenProgress("scanning the model as given"))
     before = scan(data.scan)
@@ -113,9 +123,13 @@ def harden(config: HardenConfig, *, progress: Report | None = None) -> HardenRes
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
     scheme = make_scheme(config, len(data.val.class_names))
-    run, resumed_from = _start(config, module, optimizer, scheme, data.val, report)
+    run, resumed_from = _start(config, resumed, module, optimizer, scheme, data.val, report)
     for epoch in range(run.epoch + 1, config.epochs + 1):
-        _run_epoch(config, epoch, module, optimizer, scheme, run, data.train, data.val, report)
+        try:
+            _run_epoch(config, epoch, module, optimizer, scheme, run, data.train, data.val,
+                       report)
+        except Diverged as exc:
+            raise _diverged(config, loaded, run, data.val, exc) from None
         _save(config, module, optimizer, scheme, run)
     trained = time.perf_counter()
 
@@ -161,12 +175,12 @@ def _prepare(config: HardenConfig, device: torch.device) -> Prepared:
     return Prepared(_to(train, device), _to(val, device), scan_config, info)
 
 
-def _start(config: HardenConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
-           scheme: Scheme, val: Split, report: Report) -> tuple[RunState, int | None]:
-    """The run state: read back from the checkpoint with ``--resume``, else epoch 0 (the input
-    model, validated; it sets the budget)."""
-    if config.resume:
-        state = load_checkpoint(config.checkpoint_path, _identity(config))
+def _start(config: HardenConfig, state: dict[str, Any] | None, module: nn.Module,
+           optimizer: torch.optim.Optimizer, scheme: Scheme, val: Split,
+           report: Report) -> tuple[RunState, int | None]:
+    """The run state: read back from the checkpoint ``state`` (``--resume``), else epoch 0 (the
+    input model, validated; it sets the budget)."""
+    if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheme.load_state_dict(state["scheme"])
@@ -220,6 +234,20 @@ def _run_epoch(config: HardenConfig, epoch: int, module: nn.Module,
     run.epoch = epoch
     report(HardenProgress("trained", epoch, config.epochs, loss=stats.loss,
                           worst_class=current.worst_class, worst_robust=current.worst_robust))
+
+
+def _diverged(config: HardenConfig, loaded: LoadedModel, run: RunState, val: Split,
+              exc: Diverged) -> UsageError:
+    """Stop a run whose training diverged: write the best epoch before it, if one was kept
+    (the checkpoint stays at the last finished epoch)."""
+    cause = f"{exc} with --lr {config.lr:g}; pass a smaller --lr"
+    if run.best.epoch == 0:
+        return UsageError(f"{cause}; no epoch before it was kept, so {config.out} was not "
+                          "written")
+    loaded.module.load_state_dict(run.best.state)
+    write_model(loaded, Path(config.out), val.x[: config.scan.batch_size or DEFAULT_BATCH], None)
+    return UsageError(f"{cause}; the best epoch before it (epoch {run.best.epoch}) was written "
+                      f"to {config.out}")
 
 
 def _validate_state(module: nn.Module, state: dict[str, torch.Tensor], val: Split,
@@ -286,6 +314,7 @@ def _identity(config: HardenConfig) -> dict[str, Any]:
                 "limit", "mean", "std", "batch_size"):
         value = getattr(sc, key)
         fields[f"scan.{key}"] = list(value) if isinstance(value, tuple) else value
+    fields["model_sha256"] = model_sha256(sc.model)
     return fields
 
 

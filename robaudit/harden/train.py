@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from robaudit.attacks import build_attack, example_seed
-from robaudit.attacks.jobs import auto_batch_size
 from robaudit.attacks.losses import margin
+from robaudit.attacks.memory import plan_batch
 from robaudit.attacks.stream import BatchAudit, audit_batch
 from robaudit.config import ScanConfig, attack_settings
 from robaudit.data import iter_batches, load_data, select_indices
+from robaudit.errors import UsageError
 from robaudit.harden.reweight import ClassSettings
 from robaudit.metrics import Records, class_stats, summarize
 
@@ -61,6 +62,14 @@ def load_split(spec: str, scan: ScanConfig, *, split: str) -> Split:
         ys.append(y)
         idx.append(i)
     return Split(torch.cat(xs), torch.cat(ys).long(), torch.cat(idx), list(source.class_names))
+
+
+class Diverged(UsageError):
+    """Training reached a non-finite loss or weight: its message says where."""
+
+    def __init__(self, epoch: int, batch: int, what: str) -> None:
+        super().__init__(f"training diverged at epoch {epoch}, batch {batch}: {what}")
+        self.epoch = epoch
 
 
 @dataclass
@@ -120,10 +129,8 @@ def train_epoch(
 ) -> EpochStats:
     """Fine-tune ``module`` for one epoch on ``data`` with the classes' settings."""
     device = data.x.device
-    nat = torch.tensor(settings.nat_weight, device=device)
-    bndy = torch.tensor(settings.bndy_weight, device=device)
-    eps = torch.tensor(settings.eps, device=device)
-    beta = torch.tensor(settings.beta, device=device)
+    nat, bndy, eps, beta = (torch.tensor(v, device=device) for v in (
+        settings.nat_weight, settings.bndy_weight, settings.eps, settings.beta))
     k = len(settings.eps)
     order = torch.randperm(len(data.y), generator=generator(seed, epoch, 0))
     starts = generator(seed, epoch, 1, device)
@@ -155,8 +162,8 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            hit = adv_logits.detach().argmax(dim=1) == y
-            correct += torch.bincount(y[hit], minlength=k)
+            _check_finite(module, loss, epoch, b + 1)
+            correct += torch.bincount(y[adv_logits.detach().argmax(dim=1) == y], minlength=k)
             seen += torch.bincount(y, minlength=k)
             total += loss.detach().double() * len(y)
             count += len(y)
@@ -167,6 +174,18 @@ def train_epoch(
     robust = [c / n if n else 1.0
               for c, n in zip(correct.tolist(), seen.tolist(), strict=True)]
     return EpochStats(float(total) / max(count, 1), robust)
+
+
+def _check_finite(module: nn.Module, loss: torch.Tensor, epoch: int, batch: int) -> None:
+    """Diverged at the first non-finite loss or weight: later epochs could only spread it."""
+    if not torch.isfinite(loss):
+        raise Diverged(epoch, batch, f"the loss became {float(loss.detach())}")
+    params = list(module.parameters())
+    finite = torch.stack([p.detach().isfinite().all() for p in params]) if params else None
+    if finite is not None and not bool(finite.all()):
+        name = next(n for (n, p), ok in zip(module.named_parameters(), finite.tolist(),
+                                            strict=True) if not ok)
+        raise Diverged(epoch, batch, f"the weights became non-finite ({name})")
 
 
 @dataclass
@@ -201,7 +220,7 @@ def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,
     was_training = module.training
     module.eval()
     try:
-        size = scan.batch_size or auto_batch_size(data.x[0].numel())
+        size, _warning = plan_batch(model, data.x[0], scan.batch_size)  # the scan warned
         for begin in range(0, len(data.y), size):
             x = data.x[begin:begin + size]
             y = data.y[begin:begin + size]
