@@ -52,6 +52,14 @@ def _reporter_for(*outputs: str | None, verbose: int, quiet: int) -> Any:
     return TerminalReporter(_verbosity(verbose, quiet))
 
 
+def _config_file_read(given: Path | None) -> Path | None:
+    """The config file ``resolve_config`` read the settings from: ``given``, else the working
+    directory's (an input no report may replace)."""
+    from robaudit.config import find_config_file
+
+    return given or find_config_file(Path.cwd())
+
+
 def _show_log(show: bool) -> None:
     """-v: robaudit's log on stderr (e.g. third-party warnings while converting an ONNX model)."""
     import logging
@@ -195,10 +203,14 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
     from robaudit.audit import scan as run_scan
     from robaudit.config import resolve_config
     from robaudit.distributed import is_main_process
+    from robaudit.reports import check_outputs, scan_inputs
     from robaudit.reports.json import exit_code, to_dict, without_images, write_json
     from robaudit.reports.junit import write_junit
 
     config = resolve_config({"model": model, **options}, config_file=config_file)
+    # Every rank refuses alike, before any work: a rank that stopped alone would hang the rest.
+    check_outputs([("--json", config.json), ("--junit", config.junit), ("--html", config.html)],
+                  scan_inputs(config, _config_file_read(config_file)), "this scan reads")
     if not is_main_process():
         # Under torchrun the other ranks attack their shards and stay silent: rank 0 reports.
         return exit_code(run_scan(config))
@@ -244,10 +256,13 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
 def report(report: Path, junit: str | None, html: str | None, quiet: int) -> int:
     """Render a saved JSON REPORT again: the terminal table, JUnit XML with --junit, HTML
     with --html."""
+    from robaudit.reports import check_outputs
     from robaudit.reports.json import read_json
     from robaudit.reports.junit import write_junit
     from robaudit.reports.terminal import TerminalReporter
 
+    check_outputs([("--junit", junit), ("--html", html)], [("report", report)],
+                  "this command reads")
     doc = read_json(report)
     if junit:
         write_junit(junit, doc)
@@ -280,8 +295,11 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
     from robaudit.compare import compare as compare_reports
     from robaudit.compare import read_figures
     from robaudit.config import parse_fraction
+    from robaudit.reports import check_outputs
     from robaudit.reports.json import read_json
 
+    check_outputs([("--json", json_path)], [("baseline report", baseline), ("report", report)],
+                  "this comparison reads")
     reporter = _reporter_for(json_path, verbose=0, quiet=quiet)
     comparison = compare_reports(
         read_figures(baseline), read_json(report), max_drop=parse_fraction(max_drop, "max_drop"),
@@ -353,6 +371,7 @@ def harden(model: Path, train_data: str, val_data: str | None, val_fraction: flo
     from robaudit.errors import ConfigError
     from robaudit.harden import HardenConfig, to_dict
     from robaudit.harden import harden as run_harden
+    from robaudit.harden.run import check_paths
     from robaudit.reports.json import write_json
 
     if val_data is not None and val_fraction is not None:
@@ -372,6 +391,7 @@ def harden(model: Path, train_data: str, val_data: str | None, val_fraction: flo
         checkpoint=checkpoint, resume=resume, calibrate=calibrate, max_mean_drop=max_mean_drop,
         max_clean_drop=max_clean_drop, json=json_path, html=html,
     )
+    check_paths(config, _config_file_read(config_file))
     reporter = _reporter_for(out, json_path, html, verbose=verbose, quiet=quiet)
     with reporter.harden_progress() as progress:
         result = run_harden(config, progress=progress)
