@@ -8,9 +8,7 @@ answers at once.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
-from robaudit import __version__
+from robaudit import __version__, signals
 from robaudit.errors import ExitCode, RobauditError
 
 ISSUES_URL = "https://github.com/robaudit/robaudit/issues"
@@ -228,6 +226,7 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
         write_junit(config.junit, doc)
     if config.html:
         write_html(config.html, doc)
+    signals.settle()
     reporter.render(doc)
     if result.baseline is not None and config.max_drop is not None:
         from robaudit.compare import compare as compare_reports
@@ -402,6 +401,7 @@ def harden(model: Path, train_data: str, val_data: str | None, val_fraction: flo
         from robaudit.reports.harden_html import write_harden_html
 
         write_harden_html(html, doc)
+    signals.settle()
     reporter.render_harden(doc)
     for label, path in (("JSON", json_path), ("HTML", html)):
         if path:
@@ -409,18 +409,10 @@ def harden(model: Path, train_data: str, val_data: str | None, val_fraction: flo
     return result.exit_code
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code; the one place exceptions become exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
-    # SIGTERM (CI cancelling a job) ends a scan the way Ctrl-C does: partial reports, exit 2.
-    # Only the main thread may set signal handlers; called from another thread, main() runs
-    # without one rather than crash.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
+    signals.take()
     try:
         code = cli.main(args=args, prog_name="robaudit", standalone_mode=False)
         return int(code) if isinstance(code, int) else ExitCode.OK
@@ -449,11 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             click.echo(f"  {type(exc).__name__}: {exc}", err=True)
         return ExitCode.INTERNAL_ERROR
     finally:
-        if in_main_thread:  # None: the old handler was not set from Python
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        signals.release()
 
 
 def entry_point() -> None:
+    """The console script: main(), then the end of the process with its exit code."""
+    signals.process_ends_after_main()
     code = main()
     if code == ExitCode.INTERRUPTED:
         _exit_now(code)
