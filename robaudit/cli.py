@@ -8,9 +8,7 @@ answers at once.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
-from robaudit import __version__
+from robaudit import __version__, signals
 from robaudit.errors import ExitCode, RobauditError
 
 ISSUES_URL = "https://github.com/robaudit/robaudit/issues"
@@ -50,6 +48,14 @@ def _reporter_for(*outputs: str | None, verbose: int, quiet: int) -> Any:
             check_writable(path)
     _show_log(_verbosity(verbose, quiet) > 0)
     return TerminalReporter(_verbosity(verbose, quiet))
+
+
+def _config_file_read(given: Path | None) -> Path | None:
+    """The config file ``resolve_config`` read the settings from: ``given``, else the working
+    directory's (an input no report may replace)."""
+    from robaudit.config import find_config_file
+
+    return given or find_config_file(Path.cwd())
 
 
 def _show_log(show: bool) -> None:
@@ -195,10 +201,14 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
     from robaudit.audit import scan as run_scan
     from robaudit.config import resolve_config
     from robaudit.distributed import is_main_process
+    from robaudit.reports import check_outputs, scan_inputs
     from robaudit.reports.json import to_dict, without_images, write_json
     from robaudit.reports.junit import write_junit
 
     config = resolve_config({"model": model, **options}, config_file=config_file)
+    # Every rank refuses alike, before any work: a rank that stopped alone would hang the rest.
+    check_outputs([("--json", config.json), ("--junit", config.junit), ("--html", config.html)],
+                  scan_inputs(config, _config_file_read(config_file)), "this scan reads")
     if not is_main_process():
         # Under torchrun the other ranks attack their shards and stay silent: rank 0 reports.
         return run_scan(config).exit_code
@@ -216,6 +226,7 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
         write_junit(config.junit, doc)
     if config.html:
         write_html(config.html, doc)
+    signals.settle()
     reporter.render(doc)
     if result.baseline is not None and config.max_drop is not None:
         from robaudit.compare import compare as compare_reports
@@ -242,10 +253,13 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
 def report(report: Path, junit: str | None, html: str | None, quiet: int) -> int:
     """Render a saved JSON REPORT again: the terminal table, JUnit XML with --junit, HTML
     with --html."""
+    from robaudit.reports import check_outputs
     from robaudit.reports.json import read_json
     from robaudit.reports.junit import write_junit
     from robaudit.reports.terminal import TerminalReporter
 
+    check_outputs([("--junit", junit), ("--html", html)], [("report", report)],
+                  "this command reads")
     doc = read_json(report)
     if junit:
         write_junit(junit, doc)
@@ -278,8 +292,11 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
     from robaudit.compare import compare as compare_reports
     from robaudit.compare import read_figures
     from robaudit.config import parse_fraction
+    from robaudit.reports import check_outputs
     from robaudit.reports.json import read_json
 
+    check_outputs([("--json", json_path)], [("baseline report", baseline), ("report", report)],
+                  "this comparison reads")
     reporter = _reporter_for(json_path, verbose=0, quiet=quiet)
     comparison = compare_reports(
         read_figures(baseline), read_json(report), max_drop=parse_fraction(max_drop, "max_drop"),
@@ -351,6 +368,7 @@ def harden(model: Path, train_data: str, val_data: str | None, val_fraction: flo
     from robaudit.errors import ConfigError
     from robaudit.harden import HardenConfig, to_dict
     from robaudit.harden import harden as run_harden
+    from robaudit.harden.run import check_paths
     from robaudit.reports.json import write_json
 
     if val_data is not None and val_fraction is not None:
@@ -370,6 +388,7 @@ def harden(model: Path, train_data: str, val_data: str | None, val_fraction: flo
         checkpoint=checkpoint, resume=resume, calibrate=calibrate, max_mean_drop=max_mean_drop,
         max_clean_drop=max_clean_drop, json=json_path, html=html,
     )
+    check_paths(config, _config_file_read(config_file))
     reporter = _reporter_for(out, json_path, html, verbose=verbose, quiet=quiet)
     with reporter.harden_progress() as progress:
         result = run_harden(config, progress=progress)
@@ -380,15 +399,12 @@ def harden(model: Path, train_data: str, val_data: str | None, val_fraction: flo
         from robaudit.reports.harden_html import write_harden_html
 
         write_harden_html(html, doc)
+    signals.settle()
     reporter.render_harden(doc)
     for label, path in (("JSON", json_path), ("HTML", html)):
         if path:
             reporter.info(f"{label} report: {path}")
     return result.exit_code
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -399,11 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    # SIGTERM (CI cancelling a job) ends a scan the way Ctrl-C does: partial reports, exit 2.
-    # Only the main thread may set signal handlers; called from another thread, main() runs
-    # without one rather than crash.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
+    signals.take()
     try:
         code = cli.main(args=args, prog_name="robaudit", standalone_mode=False)
         return int(code) if isinstance(code, int) else ExitCode.OK
@@ -436,11 +448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             click.echo(f"  {type(exc).__name__}: {shown(exc)}", err=True)
         return ExitCode.INTERNAL_ERROR
     finally:
-        if in_main_thread:  # None: the old handler was not set from Python
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        signals.release()
 
 
 def entry_point() -> None:
+    """The console script: main(), then the end of the process with its exit code."""
+    signals.process_ends_after_main()
     code = main()
     if code == ExitCode.INTERRUPTED:
         _exit_now(code)

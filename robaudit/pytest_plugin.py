@@ -80,7 +80,9 @@ class Auditor:
 
         problem = None
         try:
-            result = run_scan(self._config(model, data, config, options))
+            settings = self._config(model, data, config, options)
+            json_path = self._json_path(settings, config)
+            result = run_scan(settings)
         except RobauditError as e:
             problem = str(e)
         if problem is not None:
@@ -88,7 +90,7 @@ class Auditor:
             # outside the except block keeps robaudit's exception out of the report.
             pytest.fail(f"robaudit could not scan: {problem}", pytrace=False)
         audit = Audit(result)
-        self._save(audit)
+        self._save(audit, json_path)
         return audit
 
     def _config(self, model: str | Path, data: str | Path | None, config: str | Path | None,
@@ -113,16 +115,28 @@ class Auditor:
         rooted = self._request.config.rootpath / value
         return rooted if not Path(value).is_absolute() and rooted.exists() else value
 
-    def _save(self, audit: Audit) -> None:
+    def _json_path(self, settings: Any, config: str | Path | None) -> Path | None:
+        """Where --robaudit-json puts this scan's report, refused before the scan if it would
+        replace one of the scan's inputs."""
         folder = self._request.config.getoption("robaudit_json")
         if folder is None:
-            return
-        from robaudit.reports.json import write_json
+            return None
+        from robaudit.reports import check_outputs, scan_inputs
 
         self._scans += 1
         stem = re.sub(r"[^\w.-]+", "_", self._request.node.nodeid).strip("_")
         suffix = f"-{self._scans}" if self._scans > 1 else ""
         path = Path(folder) / f"{stem}{suffix}.json"
+        config_file = None if config is None else self._path(config)
+        check_outputs([("--robaudit-json", path)], scan_inputs(settings, config_file),
+                      "this scan reads")
+        return path
+
+    def _save(self, audit: Audit, path: Path | None) -> None:
+        if path is None:
+            return
+        from robaudit.reports.json import write_json
+
         write_json(path, audit.doc)
         audit.json_path = path
         # Shows up in pytest's JUnit XML as a property of the test case.

@@ -35,7 +35,7 @@ from robaudit.harden.train import (
     validate,
 )
 from robaudit.models import LoadedModel, load_model
-from robaudit.reports import atomic_write
+from robaudit.reports import atomic_write, check_outputs
 from robaudit.reports.json import to_dict as scan_to_dict
 
 SCHEMA = "robaudit.harden"
@@ -101,6 +101,7 @@ def harden(config: HardenConfig, *, progress: Report | None = None) -> HardenRes
     started = time.perf_counter()
     report = progress or (lambda _p: None)
     sc = config.scan
+    check_paths(config)
     device = resolve_device(sc.device)
     torch.manual_seed(sc.seed)
 
@@ -153,6 +154,22 @@ def harden(config: HardenConfig, *, progress: Report | None = None) -> HardenRes
                         calibration=calibration, runtime_max_abs_diff=diff, timings=timings,
                         holdout=data.holdout, warnings=_warnings(config, run),
                         resumed_from=resumed_from)
+
+
+def check_paths(config: HardenConfig, config_file: str | Path | None = None) -> None:
+    """UsageError, before any work, when a file the run writes would replace one it reads
+    (``config_file``: the scan settings' file, if any) or another file it writes."""
+    sc = config.scan
+    holdout = None if config.val_fraction is None else holdout_path(config.out)
+    outputs = [("--out", config.out),
+               ("--checkpoint" if config.checkpoint else "the checkpoint", config.checkpoint_path),
+               ("the class weights file", config.weights_path), ("the hold-out file", holdout),
+               ("--json", config.json), ("--html", config.html)]
+    validation = sc.data if config.val_fraction is None else None
+    inputs = [("model", sc.model), ("training data", config.train_data),
+              ("validation data", validation), ("class names", sc.class_names),
+              ("config", config_file)]
+    check_outputs(outputs, inputs, "this harden run reads")
 
 
 def _prepare(config: HardenConfig, device: torch.device) -> Prepared:
