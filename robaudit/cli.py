@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from robaudit import __version__, signals
+from robaudit.choices import MODES, NORMS, SCHEDULES
 from robaudit.errors import ExitCode, RobauditError
 
 ISSUES_URL = "https://github.com/robaudit/robaudit/issues"
@@ -73,8 +74,30 @@ def _show_log(show: bool) -> None:
         logger.addHandler(handler)
 
 
-def _setting(*decls: str, scan_only: bool = False, **attrs: Any) -> tuple[bool, Any]:
+def _setting(*decls: str, scan_only: bool = False, default_of: str | None = None,
+             note: str = "", **attrs: Any) -> tuple[bool, Any]:
+    """A scan option. ``default_of`` names the ScanConfig field whose default the help shows
+    (read from the dataclass, so the help cannot drift from it); ``note`` says more about it."""
+    if default_of is not None:
+        attrs["help"] += f"  [default: {_default_text(default_of)}{note}]"
     return scan_only, click.option(*decls, **attrs)
+
+
+def _default_text(name: str) -> str:
+    """A ScanConfig field's default, written as on the command line."""
+    from dataclasses import fields
+
+    from robaudit.config import ScanConfig
+    from robaudit.values import format_eps
+
+    value = next(f.default for f in fields(ScanConfig) if f.name == name)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if name == "eps":
+        return format_eps(value)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
 
 
 #: The scan settings on the command line, declared once, in --help order: each goes to
@@ -87,7 +110,7 @@ SETTINGS = [
     _setting("--data-root", help="Where named data sets live."),
     _setting("--download/--no-download", default=None,
              help="Download a named data set into --data-root if it is missing."),
-    _setting("--split", scan_only=True, help="Split of a named data set.  [default: test]"),
+    _setting("--split", scan_only=True, help="Split of a named data set.", default_of="split"),
     _setting("--class-names", help="Text file with one class name per line."),
     _setting("--image-size", type=int, help="Resize and centre-crop images to this size."),
     _setting("--classes", scan_only=True,
@@ -103,57 +126,59 @@ SETTINGS = [
     _setting("--std", help="Per-channel std the model normalises with."),
     _setting("--runtime-check/--no-runtime-check", default=None,
              help="Check an ONNX model's conversion and adversarial examples against "
-             "onnxruntime.  [default: on]"),
+             "onnxruntime.", default_of="runtime_check"),
     _setting("--attacks", help="A preset (fast: pgd,tpgd, then the --finish; standard: "
              "AutoAttack's apgd-ce, apgd-t, square, each on the previous ones' survivors) or "
              "comma-separated names: fgsm, pgd, tpgd, cw, dlr, dlr-t, ce-t, apgd-ce, apgd-t, "
-             "square (harden: of the before/after scans).  [default: pgd,tpgd]"),
-    _setting("--norm", type=click.Choice(["linf", "l2"]),
-             help="Threat model: the L-inf or the L2 ball of radius --eps, in pixel units.  "
-             "[default: linf]"),
+             "square (harden: of the before/after scans).", default_of="attacks"),
+    _setting("--norm", type=click.Choice(NORMS),
+             help="Threat model: the L-inf or the L2 ball of radius --eps, in pixel units.",
+             default_of="norm"),
     _setting("--queries", type=int, scan_only=True,
-             help="Square's queries per example.  [default: 5000, AutoAttack's]"),
+             help="Square's queries per example.", default_of="queries", note=", AutoAttack's"),
     _setting("--finish", help="Attacks run after --attacks on the examples none of them broke, "
-             "at every eps; none to skip.  [default: dlr-t, targeted DLR; none with the "
-             "standard preset]"),
+             "at every eps; none to skip.", default_of="finish",
+             note="; none with the standard preset"),
     _setting("--targets", type=int, scan_only=True,
              help="Target classes of the targeted attacks, the most likely wrong ones.  "
              "[default: 5 for dlr-t and ce-t, 9 (AutoAttack's) for apgd-t]"),
     _setting("--escalate/--no-escalate", scan_only=True, default=None,
              help="Where the sanity checks see gradient masking, run DLR and Square on the "
-             "survivors of the classes concerned.  [default: on]"),
+             "survivors of the classes concerned.", default_of="escalate"),
     _setting("--escalation-queries", type=int, scan_only=True,
-             help="Square's queries per example when escalating.  [default: 500]"),
+             help="Square's queries per example when escalating.",
+             default_of="escalation_queries"),
     _setting("--allow-unreliable/--no-allow-unreliable", scan_only=True, default=None,
              help="Judge classes whose signs of masking remain after escalation on their "
-             "figures alone instead of failing them as unreliable.  [default: off]"),
+             "figures alone instead of failing them as unreliable.",
+             default_of="allow_unreliable"),
     _setting("--eps", help="Radius of the threat model's ball in pixel units [0,1]; "
-             "fractions like 8/255 work; several (2/255,4/255,8/255) run a sweep.  "
-             "[default: 8/255]"),
+             "fractions like 8/255 work; several (2/255,4/255,8/255) run a sweep.",
+             default_of="eps"),
     _setting("--gate-eps", scan_only=True, help="With several --eps, the one the gate judges.  "
              "[default: the largest]"),
-    _setting("--mode", scan_only=True, type=click.Choice(["each", "worst-case"]),
+    _setting("--mode", scan_only=True, type=click.Choice(MODES),
              help="each: every attack on every example (per-attack figures); worst-case: later "
-             "attacks only on examples earlier ones did not break (faster).  [default: each]"),
-    _setting("--schedule", scan_only=True, type=click.Choice(["fixed", "halving"]),
+             "attacks only on examples earlier ones did not break (faster).", default_of="mode"),
+    _setting("--schedule", scan_only=True, type=click.Choice(SCHEDULES),
              help="Step size: fixed 2.5*eps/steps, or from 2*eps halved when the loss stalls "
-             "(APGD).  [default: halving]"),
+             "(APGD).", default_of="schedule"),
     _setting("--steps", type=int, help="Attack iterations (harden: of the scans and the "
-             "validation).  [default: 20]"),
+             "validation).", default_of="steps"),
     _setting("--step-size", help="Step size (the first one, with halving).  [default: 2*eps "
              "with halving, 2.5*eps/steps with fixed]"),
     _setting("--restarts", type=int, help="Random restarts (only still-robust examples "
-             "are attacked again).  [default: 1]"),
+             "are attacked again).", default_of="restarts"),
     _setting("--temperatures", scan_only=True, help="T-PGD softmax temperatures; the worst "
-             "case over them counts.  [default: 0.1,0.5]"),
+             "case over them counts.", default_of="temperatures"),
     _setting("--seed", type=int, help="Seed for sampling, random starts and (harden) the "
-             "data order.  [default: 0]"),
+             "data order.", default_of="seed"),
     _setting("--batch-size", type=int, help="Examples per batch of a scan.  [default: 256, "
-             "and up to 4096 attacked at once for small inputs]"),
-    _setting("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]"),
+             "up to 4096 for small inputs, lowered to what memory holds]"),
+    _setting("--device", help="auto, cpu, cuda or cuda:N.", default_of="device"),
     _setting("--amp/--no-amp", scan_only=True, default=None,
              help="bf16 autocast for the attack passes (CUDA, or a CPU with AVX512-BF16/AMX); "
-             "breaks are confirmed in fp32.  [default: off]"),
+             "breaks are confirmed in fp32.", default_of="amp"),
     _setting("--strict/--no-strict", scan_only=True, default=None,
              help="Exit 4 when a sanity check finds signs of gradient masking."),
     _setting("--min-class-robust", help="Flag classes whose robust accuracy is below this."),
@@ -161,8 +186,8 @@ SETTINGS = [
     _setting("--max-gap", help="Flag classes further than this below the best class."),
     _setting("--significance/--no-significance", default=None,
              help="Flag a class only when its whole 95% Wilson interval fails."),
-    _setting("--gate-on", help="The figure the gate judges: worst or an attack's name.  "
-             "[default: worst]"),
+    _setting("--gate-on", help="The figure the gate judges: worst or an attack's name.",
+             default_of="gate_on"),
     _setting("--baseline", scan_only=True, help="A saved JSON report: flag classes whose "
              "robust accuracy dropped more than --max-drop below it."),
     _setting("--max-drop", scan_only=True,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from robaudit.choices import MODES, NORMS, SCHEDULES
 from robaudit.errors import ConfigError, MissingSetting
 from robaudit.gate import GatePolicy
 from robaudit.values import format_eps, parse_fraction, split_list
@@ -221,11 +222,11 @@ def validate(config: ScanConfig) -> None:
     check("eps", not config.eps_sweep or any(abs(e - config.eps) < 1e-12
                                              for e in config.eps_sweep),
           f"the gate's eps {format_eps(config.eps)} is not one of the eps swept")
-    check("mode", config.mode in ("each", "worst-case"),
+    check("mode", config.mode in MODES,
           f"mode must be 'each' or 'worst-case', got {config.mode!r}")
-    check("schedule", config.schedule in ("fixed", "halving"),
+    check("schedule", config.schedule in SCHEDULES,
           f"schedule must be 'fixed' or 'halving', got {config.schedule!r}")
-    check("norm", config.norm in ("linf", "l2"),
+    check("norm", config.norm in NORMS,
           f"norm must be 'linf' or 'l2', got {config.norm!r}")
     _check_counts(config, check)
     check("batch_size", config.batch_size is None or 1 <= config.batch_size <= MAX_BATCH_SIZE,

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import DIGITS, interrupt_scan
 
-from robaudit.cli import main
+from robaudit.cli import cli, main
 from robaudit.errors import ExitCode
 
 FAST = ["--steps", "5", "--per-class", "10"]
@@ -199,3 +200,19 @@ def test_scan_settings_are_declared_once_and_shared_with_harden():
     # harden's --data is its training set, its --json and --html its own reports.
     assert "--val-data" in harden_options["val_data"].opts
     assert "--json" in harden_options["json_path"].opts and "json_images" not in harden_options
+
+
+def test_help_shows_the_configs_own_defaults_and_choices():
+    from dataclasses import fields
+
+    from robaudit.choices import MODES, NORMS, SCHEDULES
+    from robaudit.config import ScanConfig
+
+    defaults = {f.name: f.default for f in fields(ScanConfig)}
+    text = " ".join(CliRunner().invoke(cli, ["scan", "--help"], terminal_width=200).output.split())
+    assert f"[default: {defaults['steps']}]" in text
+    assert f"[default: {defaults['escalation_queries']}]" in text
+    assert f"[default: {','.join(defaults['attacks'])}]" in text
+    assert "[default: 8/255]" in text and defaults["eps"] == 8 / 255
+    for choices in (NORMS, SCHEDULES, MODES):
+        assert "[" + "|".join(choices) + "]" in text

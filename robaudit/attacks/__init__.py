@@ -9,7 +9,7 @@ import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from robaudit.attacks.base import NORMS, Attack, AttackOutcome, example_seed
+from robaudit.attacks.base import Attack, AttackOutcome, example_seed
 from robaudit.attacks.losses import (
     cross_entropy_targeted,
     cw_margin,
@@ -19,6 +19,7 @@ from robaudit.attacks.losses import (
 )
 from robaudit.attacks.pgd import PGD
 from robaudit.attacks.square import Square
+from robaudit.choices import NORMS
 from robaudit.errors import ConfigError
 
 __all__ = ["ATTACKS", "NORMS", "PGD", "PRESETS", "Attack", "AttackOutcome", "AttackSettings",

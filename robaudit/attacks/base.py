@@ -25,7 +25,6 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: The threat models: the L∞ and the L2 ball of radius ε around x, in pixel space [0, 1].
-NORMS = ("linf", "l2")
 
 
 @dataclass(frozen=True)

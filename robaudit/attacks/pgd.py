@@ -19,10 +19,9 @@ from functools import cached_property
 
 import torch
 
-from robaudit.attacks.base import NORMS, AttackOutcome, Loss, Model, Objective
+from robaudit.attacks.base import AttackOutcome, Loss, Model, Objective
 from robaudit.attacks.losses import cross_entropy
-
-SCHEDULES = ("fixed", "halving")
+from robaudit.choices import NORMS, SCHEDULES
 
 
 class PGD:

@@ -18,8 +18,9 @@ from functools import cached_property
 
 import torch
 
-from robaudit.attacks.base import NORMS, AttackOutcome, Model, counter_uniform
+from robaudit.attacks.base import AttackOutcome, Model, counter_uniform
 from robaudit.attacks.norms import l2_norm
+from robaudit.choices import NORMS
 
 #: Where ``p`` halves, in ten-thousandths of the query budget (the paper's schedule).
 _HALVINGS = torch.tensor([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000])
