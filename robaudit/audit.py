@@ -47,7 +47,7 @@ from robaudit.metrics import ClassStats, Records, Summary, class_stats, confusio
 from robaudit.models import LoadedModel, load_model, verify_runtime
 from robaudit.provenance import environment
 from robaudit.recording import extend, merge_columns, outcomes, record
-from robaudit.sanity import check_outputs, runtime_warnings, sanity_checks
+from robaudit.sanity import check_outputs, nonfinite_warnings, runtime_warnings, sanity_checks
 
 
 @dataclass(frozen=True)
@@ -390,7 +390,8 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
                      allow_unreliable=config.allow_unreliable)
     sweep = _sweep(run.records, loaded.eps_list, names) if len(run.records) > 1 else []
     sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
-    warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
+    warnings = run.warnings + nonfinite_warnings(run.records, len(names))
+    warnings += runtime_warnings(summary) + [item["message"] for item in sanity]
     warnings += run.escalation.warnings()
     gallery, partial = {}, run.partial
     if not partial and loaded.ctx.is_main:  # only rank 0 writes reports
