@@ -40,6 +40,14 @@ def check_outputs(module: torch.nn.Module, x: torch.Tensor, num_classes: int,
             f"the model's output has shape {shape}; robaudit needs logits of shape "
             "(batch, classes). Export the model so it returns one logits tensor"
         )
+    if out.shape[1] == 1:
+        # Nothing to audit: no other class exists, so every correct example is trivially robust;
+        # and a one-logit binary classifier (sigmoid) would be misread, argmax ignores the sign.
+        raise ModelOutputError(
+            "the model has 1 output: it cannot be attacked, since there is no other class to "
+            "push an input to (argmax over one logit is always class 0); export a binary "
+            "classifier with one logit z as two logits, torch.cat([torch.zeros_like(z), z], 1)"
+        )
     if out.shape[1] != num_classes:
         raise ModelOutputError(
             f"the model outputs {out.shape[1]} classes but the data set has {num_classes}; "
