@@ -227,6 +227,7 @@ def _attack(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], No
     if not run.partial and len(run.records[loaded.gate_e]):
         _finish(config, loaded, run, report)
         _escalate(config, loaded, run, report)
+    run.warnings += nonfinite_warnings(run.records, len(loaded.source.class_names))
     run.seconds = time.perf_counter() - started
     return run
 
@@ -390,8 +391,7 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
                      allow_unreliable=config.allow_unreliable)
     sweep = _sweep(run.records, loaded.eps_list, names) if len(run.records) > 1 else []
     sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
-    warnings = run.warnings + nonfinite_warnings(run.records, len(names))
-    warnings += runtime_warnings(summary) + [item["message"] for item in sanity]
+    warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
     warnings += run.escalation.warnings()
     gallery, partial = {}, run.partial
     if not partial and loaded.ctx.is_main:  # only rank 0 writes reports
