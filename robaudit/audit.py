@@ -43,7 +43,7 @@ from robaudit.models import LoadedModel, load_model, verify_runtime
 from robaudit.provenance import environment
 from robaudit.recording import extend, merge_columns, outcomes, record
 from robaudit.result import ScanResult, exit_outcome, judgement_of
-from robaudit.sanity import check_outputs, runtime_warnings, sanity_checks
+from robaudit.sanity import check_outputs, nonfinite_warnings, runtime_warnings, sanity_checks
 
 __all__ = ["Progress", "ScanResult", "resolve_device", "scan"]
 
@@ -145,8 +145,8 @@ def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
     )
     eps_list = list(config.eps_sweep) or [config.eps]
     gate_e = min(range(len(eps_list)), key=lambda e: abs(eps_list[e] - config.eps))
-    attack_sets = [build_attacks(config.attacks, attack_settings(config, eps))
-                   for eps in eps_list]
+    settings = [attack_settings(config, eps, classes=len(source.class_names)) for eps in eps_list]
+    attack_sets = [build_attacks(config.attacks, s) for s in settings]
     return _Loaded(ctx, device, baseline, source, indices, model, eps_list, gate_e, attack_sets,
                    time.perf_counter() - started)
 
@@ -186,6 +186,7 @@ def _attack(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], No
         with memory_errors(loaded.device, size):
             _finish(config, loaded, run, report)
             _escalate(config, loaded, run, report)
+    run.warnings += nonfinite_warnings(run.records, len(loaded.source.class_names))
     run.seconds = time.perf_counter() - started
     return run
 
@@ -244,7 +245,8 @@ def _finish(config: ScanConfig, loaded: _Loaded, run: _Attacked,
     module.eval()
     try:
         for e, rec in enumerate(run.records):
-            attacks = build_attacks(config.finish, attack_settings(config, loaded.eps_list[e]))
+            settings = attack_settings(config, loaded.eps_list[e], classes=len(names))
+            attacks = build_attacks(config.finish, settings)
             _on_survivors(config, loaded, run, e, rec, names, attacks, "finishing", report)
     except KeyboardInterrupt:
         run.partial = True  # the figures before the finish stand; they are marked partial
@@ -297,7 +299,8 @@ def _escalate_stage(config: ScanConfig, loaded: _Loaded, run: _Attacked,
 def _escalate_at(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, rec: Records,
                  classes: list[str], extra: list[str],
                  report: Callable[[Progress], None]) -> int:
-    settings = attack_settings(config, loaded.eps_list[e], "escalation")
+    classes_of_model = len(loaded.source.class_names)
+    settings = attack_settings(config, loaded.eps_list[e], "escalation", classes_of_model)
     return _on_survivors(config, loaded, run, e, rec, classes, build_attacks(extra, settings),
                          "escalating", report)
 
@@ -388,7 +391,7 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
         partial=partial,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         baseline=baseline,
-        attacks=describe_attacks(config, attacks),
+        attacks=describe_attacks(config, attacks, len(names)),
         escalation=run.escalation,
         exit_code=code,
         problem=problem,
@@ -397,10 +400,10 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
 
 def _gate_attacks(config: ScanConfig, loaded: _Loaded, ran: Sequence[str]) -> list[Attack]:
     """Every attack that ran at the gate's ε: the scan's, the finish's and escalation's."""
-    later = [name for name in ran if name not in config.attacks]
-    return [*loaded.attack_sets[loaded.gate_e],
-            *(build_attack(name, attack_settings(config, config.eps, attack_stage(config, name)))
-              for name in later)]
+    k = len(loaded.source.class_names)
+    later = [build_attack(a, attack_settings(config, config.eps, attack_stage(config, a), k))
+             for a in ran if a not in config.attacks]
+    return [*loaded.attack_sets[loaded.gate_e], *later]
 
 
 def _model_info(model: LoadedModel, runtime_diff: float | None) -> dict[str, Any]:

@@ -40,7 +40,6 @@ COUNTS = {"steps": (1, 10**6), "restarts": (1, 10**4), "queries": (1, 10**7),
           "limit": (1, None), "image_size": (1, MAX_IMAGE_SIZE), "num_classes": (2, 10**6)}
 DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
-
 #: The default finish: targeted DLR (see ScanConfig.finish).
 FINISH = ("dlr-t",)
 
@@ -266,9 +265,9 @@ def attack_stage(config: ScanConfig, name: str) -> str:
             else "escalation")
 
 
-def attack_settings(config: ScanConfig, eps: float, stage: str = "scan") -> AttackSettings:
-    """The attacks' hyperparameters at one ε of the scan, in one stage (escalation's Square has
-    its own query budget)."""
+def attack_settings(config: ScanConfig, eps: float, stage: str = "scan",
+                    classes: int | None = None) -> AttackSettings:
+    """The attacks' settings at one ε, in one stage, for a model of ``classes`` classes."""
     from robaudit.attacks import AttackSettings
 
     # An explicit step size is in pixel units at the gate's eps: scale it with a sweep's eps.
@@ -277,10 +276,11 @@ def attack_settings(config: ScanConfig, eps: float, stage: str = "scan") -> Atta
     return AttackSettings(eps=eps, steps=config.steps, step_size=step_size,
                           restarts=config.restarts, temperatures=config.temperatures,
                           schedule=config.schedule, norm=config.norm, queries=queries,
-                          targets=config.targets)
+                          targets=config.targets, classes=classes)
 
 
-def describe_attacks(config: ScanConfig, names: Sequence[str]) -> list[dict[str, Any]]:
+def describe_attacks(config: ScanConfig, names: Sequence[str],
+                     classes: int | None = None) -> list[dict[str, Any]]:
     """Each attack as it ran at the gate's ε (escalation's with its own query budget), and in
     which stage (``scan``, ``finish`` or ``escalation``): for the reports."""
     from robaudit.attacks import ATTACKS, build_attack
@@ -288,7 +288,7 @@ def describe_attacks(config: ScanConfig, names: Sequence[str]) -> list[dict[str,
     described = []
     for name in names:
         stage = attack_stage(config, name)
-        attack = build_attack(name, attack_settings(config, config.eps, stage))
+        attack = build_attack(name, attack_settings(config, config.eps, stage, classes))
         entry: dict[str, Any] = {"name": name, "description": ATTACKS[name][1],
                                  "eps": config.eps, "norm": config.norm, "stage": stage,
                                  "escalation": stage == "escalation"}

@@ -200,9 +200,10 @@ def confusion(records: Records, num_classes: int, attack: str) -> list[list[int]
     y = records.array("y").astype(np.int64)
     clean_ok = records.array("clean_pred").astype(np.int64) == y
     pred = records.array("adv_pred", attack).astype(np.int64)
-    broken = clean_ok & (pred != y)
+    # A NaN or inf output predicts no class (its pred is num_classes): broken, in no column.
+    went = clean_ok & (pred != y) & (pred < num_classes)
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (y[broken], pred[broken]), 1)
+    np.add.at(matrix, (y[went], pred[went]), 1)
     return matrix.tolist()
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from robaudit.attacks.base import predict
 from robaudit.attacks.losses import margin
 from robaudit.attacks.stream import ExampleResult
 from robaudit.metrics import Records
@@ -36,14 +37,14 @@ def outcomes(attack_names: Sequence[str], examples: list[ExampleResult], e: int,
     clean = torch.stack([ex.clean_logits.float().cpu() for ex in examples])
     part.index.append(np.array([ex.index for ex in examples], dtype=np.int64))
     part.y.append(y.numpy())
-    part.clean_pred.append(clean.argmax(dim=1).numpy())
+    part.clean_pred.append(predict(clean).numpy())
     part.clean_margin.append(margin(clean, y).numpy())
     adv_x: dict[str, torch.Tensor] = {}
     for name in part.attack_names:
         results = [ex.outcomes[(e, name)] for ex in examples]
         logits = torch.stack([clean[i] if r is None else r.logits.float().cpu()
                               for i, r in enumerate(results)])
-        part.adv_pred[name] = [logits.argmax(dim=1).numpy()]
+        part.adv_pred[name] = [predict(logits).numpy()]
         part.adv_margin[name] = [margin(logits, y).numpy()]
         part.forwards[name] = [
             np.array([0 if r is None else r.forwards for r in results], dtype=np.int64)]
@@ -55,9 +56,9 @@ def outcomes(attack_names: Sequence[str], examples: list[ExampleResult], e: int,
     if runtime is not None:
         # The deployed runtime sees the same adversarial inputs: does it agree they break?
         xs = torch.stack([ex.x.cpu() for ex in examples])
-        part.runtime_clean_pred.append(runtime(xs).argmax(dim=1).numpy())
+        part.runtime_clean_pred.append(predict(runtime(xs)).numpy())
         for name, x_adv in adv_x.items():
-            part.runtime_pred[name] = [runtime(x_adv).argmax(dim=1).numpy()]
+            part.runtime_pred[name] = [predict(runtime(x_adv)).numpy()]
     return part
 
 

@@ -5,13 +5,15 @@ gradient masking in the figures (reported, and the triggers of escalation, see
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from robaudit.attacks.memory import is_out_of_memory
 from robaudit.errors import DataError, ModelOutputError
-from robaudit.metrics import Summary
+from robaudit.metrics import Records, Summary
 
 #: Examples beyond which a single disagreement between torch and onnxruntime is only a warning.
 RUNTIME_AGREEMENT_WARN = 0.01
@@ -41,19 +43,29 @@ def check_outputs(module: torch.nn.Module, x: torch.Tensor, num_classes: int,
             f"the model's output has shape {shape}; robaudit needs logits of shape "
             "(batch, classes). Export the model so it returns one logits tensor"
         )
+    if out.shape[1] == 1:
+        # Nothing to audit: no other class exists, so every correct example is trivially robust;
+        # and a one-logit binary classifier (sigmoid) would be misread, argmax ignores the sign.
+        raise ModelOutputError(
+            "the model has 1 output: it cannot be attacked, since there is no other class to "
+            "push an input to (argmax over one logit is always class 0); export a binary "
+            "classifier with one logit z as two logits, torch.cat([torch.zeros_like(z), z], 1)"
+        )
     if out.shape[1] != num_classes:
         raise ModelOutputError(
             f"the model outputs {out.shape[1]} classes but the data set has {num_classes}; "
             "pass the matching data set or --class-names"
         )
-    if not torch.isfinite(out).all():
+    # A few non-finite rows count as misclassified (see attacks.base.predict); none finite means
+    # a model that does not run on these inputs at all.
+    if not torch.isfinite(out).all(dim=1).any():
         raise ModelOutputError(
             "the model's outputs contain NaN or inf on real inputs; check the model and "
             "the input range (robaudit feeds pixels in [0, 1]: use --mean/--std to normalise)"
         )
     with torch.no_grad():
         again = module(x)
-    if not torch.allclose(out, again, rtol=1e-4, atol=1e-5):
+    if not torch.allclose(out, again, rtol=1e-4, atol=1e-5, equal_nan=True):
         sanity.append({"check": "randomised_model", "message": (
             "two clean passes over the same batch disagree: the model is randomised (dropout "
             "left on, noise layers), which masks gradients; audit it with an expectation over "
@@ -90,6 +102,37 @@ def sanity_checks(summary: Summary, sweep: list[dict[str, Any]], mode: str) -> l
                 f"at eps {higher['eps_text']}: a larger ball must not be harder to break, so the "
                 "attack is failing (gradient masking?)")})
     return found
+
+
+def nonfinite_warnings(records: Sequence[Records], num_classes: int) -> list[str]:
+    """Where the model's outputs were NaN or inf (``records``: one per ε): those examples count
+    as misclassified, clean or under attack (their prediction is ``num_classes``, no class)."""
+    if not records or not len(records[0]):
+        return []
+    clean_pred = records[0].array("clean_pred")
+    attacked = int((clean_pred == records[0].array("y")).sum())
+    clean = int((clean_pred == num_classes).sum())
+    broken: set[int] = set()
+    attacks: list[str] = []
+    for rec in records:
+        index = rec.array("index").astype(np.int64)
+        attacked_here = rec.array("clean_pred") == rec.array("y")
+        for a in [name for name in rec.attack_names if name not in rec.carried]:
+            hit = attacked_here & (rec.array("adv_pred", a) == num_classes)
+            if hit.any() and a not in attacks:
+                attacks.append(a)
+            broken.update(index[hit].tolist())
+    where = []
+    if broken:
+        where.append(f"{len(broken)} of the {attacked} attacked examples ({', '.join(attacks)})")
+    if clean:
+        where.append(f"{clean} clean example(s)")
+    if not where:
+        return []
+    return [f"the model's outputs were NaN or inf on {' and on '.join(where)}: those count as "
+            "misclassified (a non-finite output is no prediction, and its gradients are not "
+            "taken for gradient masking); the model is numerically unstable near the data: look "
+            "for log, sqrt or division of values that can reach zero"]
 
 
 def runtime_warnings(summary: Summary) -> list[str]:

@@ -51,6 +51,14 @@ class AttackSettings:
     #: Target classes of the targeted attacks (the most likely wrong ones); None: each attack's
     #: own default (AutoAttack's 9 for apgd-t, 5 for dlr-t and ce-t).
     targets: int | None = None
+    #: The model's classes, when known: a targeted attack aims at its classes - 1 wrong ones at
+    #: most (a run more would repeat a target).
+    classes: int | None = None
+
+    def targeted(self, default: int) -> int:
+        """Target classes of a targeted attack: ``targets`` (else ``default``), capped."""
+        wanted = self.targets or default
+        return wanted if self.classes is None else max(1, min(wanted, self.classes - 1))
 
     def pgd(self, name: str, **overrides) -> PGD:
         """A PGD with these settings, some of them overridden."""
@@ -83,15 +91,15 @@ ATTACKS: dict[str, tuple[Callable[[AttackSettings], Attack], str]] = {
            "PGD on the CW margin loss max_{j!=y} z_j - z_y"),
     "dlr": (lambda s: s.pgd("dlr", losses=[dlr]),
             "PGD on the scale-invariant DLR loss (Croce and Hein 2020)"),
-    "dlr-t": (lambda s: s.pgd("dlr-t", losses=[dlr_targeted], targets=s.targets or TARGETS),
+    "dlr-t": (lambda s: s.pgd("dlr-t", losses=[dlr_targeted], targets=s.targeted(TARGETS)),
               "PGD on targeted DLR, one run per most likely wrong class"),
     "ce-t": (lambda s: s.pgd("ce-t", losses=[cross_entropy_targeted],
-                              targets=s.targets or TARGETS),
+                              targets=s.targeted(TARGETS)),
              "PGD on targeted cross-entropy, one run per most likely wrong class"),
     "apgd-ce": (lambda s: _reference(s, "apgd-ce"),
                 "AutoAttack's APGD-CE budget: 100 halving steps on cross-entropy"),
     "apgd-t": (lambda s: _reference(s, "apgd-t", losses=[dlr_targeted],
-                                    targets=s.targets or REFERENCE_TARGETS),
+                                    targets=s.targeted(REFERENCE_TARGETS)),
                "AutoAttack's APGD-T budget: 100 halving steps of targeted DLR per target"),
     "square": (lambda s: Square(s.eps, queries=s.queries, norm=s.norm),
                "Square Attack: gradient-free random search, forward passes only "

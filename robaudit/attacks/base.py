@@ -27,6 +27,17 @@ Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: The threat models: the L∞ and the L2 ball of radius ε around x, in pixel space [0, 1].
 
 
+def predict(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's predicted class: its argmax, or ``logits.shape[1]`` (one past the last class,
+    never a label) when the row holds a NaN or an inf.
+
+    A non-finite output is no prediction, so it never counts as correct: argmax reads a row of
+    NaNs as class 0, and a model that turns NaN off the data would keep class 0 "robust".
+    """
+    finite = torch.isfinite(logits).all(dim=1)
+    return torch.where(finite, logits.argmax(dim=1), logits.shape[1])
+
+
 @dataclass(frozen=True)
 class Objective:
     """What one run ascends: a loss and, for targeted runs, which wrong class it aims at.
@@ -88,7 +99,7 @@ class AttackOutcome:
 
     @property
     def pred(self) -> torch.Tensor:
-        return self.logits.argmax(dim=1)
+        return predict(self.logits)
 
     def margin(self, y: torch.Tensor) -> torch.Tensor:
         return margin(self.logits, y)

@@ -29,6 +29,7 @@ from robaudit.attacks.base import (
     checkpoint_table,
     family,
     fill_uniform_noise,
+    predict,
     stream_keys,
 )
 from robaudit.attacks.jobs import DEFAULT_BATCH, Finished, Job, amp_errors, auto_batch_size
@@ -278,7 +279,9 @@ class Engine:
             self.best_logits = logits.new_zeros((self.batch_size, logits.shape[1]))
 
         detached = logits.detach()
-        wrong = detached.argmax(dim=1) != y
+        # A NaN or inf output counts as broken (see predict): the row ends here, so its
+        # non-finite gradient is never taken for a sign of masking.
+        wrong = predict(detached) != y
         if self.amp and bool(wrong.any()):
             wrong, detached = self._confirm(xa.detach(), detached, wrong, y)
         margins = margin(detached, y)
@@ -308,7 +311,7 @@ class Engine:
         rows = wrong.nonzero().squeeze(1)
         exact = self._exact(x[rows])
         wrong = wrong.clone()
-        wrong[rows] = exact.argmax(dim=1) != y[rows]
+        wrong[rows] = predict(exact) != y[rows]
         logits = logits.clone()
         logits[rows] = exact
         return wrong, logits

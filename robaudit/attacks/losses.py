@@ -45,26 +45,43 @@ def cw_margin(logits: torch.Tensor, y: torch.Tensor, target: Target = None) -> t
     return -margin(logits, y)
 
 
-def _sorted_logit(ordered: torch.Tensor, rank: int) -> torch.Tensor:
-    # The rank-th largest logit (0-based), or the smallest when there are fewer classes.
-    return ordered[:, min(rank, ordered.shape[1] - 1)]
-
-
 def dlr(logits: torch.Tensor, y: torch.Tensor, target: Target = None) -> torch.Tensor:
     """The Difference of Logits Ratio (Croce and Hein, ICML 2020):
     ``-(z_y - max_{j != y} z_j) / (z_π1 - z_π3)``, with ``z_π`` the logits sorted in decreasing
     order. Invariant to shifting and to scaling the logits, so a model whose logits are scaled
     until the softmax saturates cannot hide its gradients from it.
+
+    With two classes there is no ``z_π3``, and no loss of two logits is both shift- and
+    scale-invariant yet not constant: it can only depend on the sign of ``z_y - z_other``
+    (``z_π1 - z_π2`` as the denominator makes DLR ±1, with a zero gradient everywhere). DLR is
+    then the CW margin: PGD steps along the sign (L∞) or the direction (L2) of its gradient,
+    and its step-size schedule compares its values along one run, so scaling the logits by a
+    constant changes none of its iterates; unlike cross-entropy's, its gradient does not vanish
+    when the softmax saturates.
     """
+    if logits.shape[1] < 3:
+        return cw_margin(logits, y)
     ordered = logits.sort(dim=1, descending=True).values
-    scale = ordered[:, 0] - _sorted_logit(ordered, 2) + _DLR_FLOOR
+    scale = ordered[:, 0] - ordered[:, 2] + _DLR_FLOOR
     return -margin(logits, y) / scale
 
 
 def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Targeted DLR (APGD-T): ``-(z_y - z_t) / (z_π1 - (z_π3 + z_π4) / 2)``."""
+    """Targeted DLR (APGD-T): ``-(z_y - z_t) / (z_π1 - (z_π3 + z_π4) / 2)``.
+
+    With three classes there is no ``z_π4``, and ``z_π1 - z_π3`` alone equals the numerator
+    when the target is the least likely class (the loss is then constant, its gradient zero):
+    the denominator is ``z_π1 - (z_π2 + z_π3) / 2`` instead, still shift- and scale-invariant
+    and never identical to a target's gap. With two classes the only target is the only wrong
+    class: the CW margin, as for :func:`dlr`. (AutoAttack's own checks warn that DLR needs three
+    classes and targeted DLR four.)
+    """
+    classes = logits.shape[1]
+    if classes < 3:
+        return cw_margin(logits, y)
     ordered = logits.sort(dim=1, descending=True).values
-    scale = ordered[:, 0] - 0.5 * (_sorted_logit(ordered, 2) + _sorted_logit(ordered, 3))
+    below = 1 if classes == 3 else 2  # the first of the two logits averaged
+    scale = ordered[:, 0] - 0.5 * (ordered[:, below] + ordered[:, below + 1])
     gap = logits.gather(1, y[:, None]).squeeze(1) - logits.gather(1, target[:, None]).squeeze(1)
     return -gap / (scale + _DLR_FLOOR)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from robaudit.attacks.base import Attack, AttackOutcome, Model, example_seed
+from robaudit.attacks.base import Attack, AttackOutcome, Model, example_seed, predict
 from robaudit.attacks.engine import Engine
 from robaudit.attacks.jobs import Finished, Job
 from robaudit.attacks.losses import margin
@@ -114,7 +114,7 @@ class BatchAudit:
 
     @property
     def clean_correct(self) -> torch.Tensor:
-        return self.clean_logits.argmax(dim=1) == self.y
+        return predict(self.clean_logits) == self.y
 
 
 def outcome_of(x: torch.Tensor, clean_logits: torch.Tensor,
@@ -156,7 +156,7 @@ def audit_batch(
     """Attack one batch with each attack independently (per-attack and worst-case figures)."""
     with torch.no_grad():
         clean_logits = model(x)
-    correct = (clean_logits.argmax(dim=1) == y).tolist()
+    correct = (predict(clean_logits) == y).tolist()
     seed_list = seeds.tolist()
     jobs = [Job((a.name, i), x[i], int(y[i]), seed_list[i], a, clean_logits[i])
             for a in attacks for i in range(len(x)) if correct[i]]
@@ -251,7 +251,7 @@ class _Stream:
         return the others, which are done."""
         with torch.no_grad():  # full precision even with amp: it decides what is attacked
             clean = model(x).float()
-        correct = (clean.argmax(dim=1) == y).tolist()
+        correct = (predict(clean) == y).tolist()
         done = []
         for i, index in enumerate(idx.tolist()):
             example = ExampleResult(index, x[i], int(y[i]), clean[i], {})
