@@ -32,9 +32,7 @@ else:  # pragma: no cover - Python 3.10
 MAX_BATCH_SIZE = 1 << 20
 DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
-
-#: The default finish: targeted DLR (see ScanConfig.finish).
-FINISH = ("dlr-t",)
+FINISH = ("dlr-t",)  # the default finish: targeted DLR (see ScanConfig.finish)
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,7 @@ class ScanConfig:
     split: str = "test"
     class_names: str | None = None
     image_size: int | None = None
+    channels: int | None = None  # None: what the model's first layer takes
     classes: tuple[str, ...] = ()
     per_class: int | None = None
     limit: int | None = None
@@ -279,6 +278,7 @@ def validate(config: ScanConfig) -> None:
     for name in ("per_class", "limit", "image_size"):
         value = getattr(config, name)
         check(name, value is None or value >= 1, f"{name} must be at least 1, got {value}")
+    check("channels", config.channels in (None, 1, 3), f"channels is 1 or 3, not {config.channels}")
     check("num_classes", config.num_classes is None or config.num_classes >= 2,
           f"num_classes must be at least 2, got {config.num_classes}")
     for name in ("min_class_robust", "max_gap", "max_drop"):
