@@ -71,17 +71,17 @@ def read_batch(path: Path) -> dict[str, Any]:
         raise DataError(
             f"{path} holds pickled Python objects ({one_line(exc)}) that no CIFAR batch file "
             "holds, which robaudit will not unpickle because that can run code; replace it with "
-            "the genuine file (--download fetches it)"
+            "the genuine file (delete it; --download fetches it)"
         ) from exc
     except Exception as exc:  # truncated or foreign files fail in many ways, all meaning one
         raise DataError(
             f"cannot read {path} as a CIFAR batch file ({one_line(exc)}); replace it with the "
-            "genuine file (--download fetches it)"
+            "genuine file (delete it; --download fetches it)"
         ) from exc
     if not isinstance(content, dict):
         raise DataError(
             f"{path} holds a {type(content).__name__}, not a CIFAR batch (a dict); replace it "
-            "with the genuine file (--download fetches it)"
+            "with the genuine file (delete it; --download fetches it)"
         )
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in content.items()}
 
@@ -134,7 +134,8 @@ def load_cifar(name: str, root: Path, split: str, download: bool,
     if targets and max(targets) >= len(classes):
         raise DataError(
             f"{folder}: labels go up to {max(targets)} but {meta_file} names {len(classes)} "
-            "classes; replace the files with the genuine ones (--download fetches them)"
+            "classes; replace the files with the genuine ones (delete them; --download fetches "
+            "them)"
         )
     data = np.vstack(images).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
     return CifarImages(np.ascontiguousarray(data), targets, classes, transform)
@@ -153,7 +154,7 @@ def _checked(batch: dict[str, Any], path: Path) -> tuple[np.ndarray, list[int]]:
         raise DataError(
             f"{path} is not a CIFAR batch: it needs 'data' (uint8, N x {_IMAGE_BYTES}) and "
             "'labels' or 'fine_labels' (N integers); replace it with the genuine file "
-            "(--download fetches it)"
+            "(delete it; --download fetches it)"
         )
     return data, [int(k) for k in labels]
 
@@ -163,6 +164,6 @@ def _names(meta: dict[str, Any], key: str, path: Path) -> list[str]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise DataError(
             f"{path} has no list of class names under {key!r}; replace it with the genuine file "
-            "(--download fetches it)"
+            "(delete it; --download fetches it)"
         )
     return list(names)
