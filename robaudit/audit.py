@@ -27,7 +27,7 @@ from robaudit.config import (
     describe_attacks,
     format_eps,
 )
-from robaudit.data import DataSource, iter_batches, load_data, select_indices
+from robaudit.data import DataSource, fit_to_model, iter_batches, load_data, select_indices
 from robaudit.errors import ConfigError, NothingToAudit, UsageError
 from robaudit.gallery import make_gallery
 from robaudit.masking import (
@@ -39,7 +39,13 @@ from robaudit.masking import (
     unreliable_classes,
 )
 from robaudit.metrics import Records, class_stats, confusion, summarize
-from robaudit.models import LoadedModel, load_model, verify_runtime
+from robaudit.models import (
+    LoadedModel,
+    input_channels,
+    load_model,
+    output_count,
+    verify_runtime,
+)
 from robaudit.provenance import environment
 from robaudit.recording import extend, merge_columns, outcomes, record
 from robaudit.result import ScanResult, exit_outcome, judgement_of
@@ -131,6 +137,7 @@ def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
     source = load_data(
         config.data, root=config.data_root, download=config.download, split=config.split,
         class_names_file=config.class_names, image_size=config.image_size,
+        channels=config.channels,
     )
     indices = _select(source, config)
     if baseline is not None:
@@ -143,6 +150,8 @@ def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
         config.model, arch=config.arch, num_classes=config.num_classes,
         mean=config.mean, std=config.std, device=device,
     )
+    fit_to_model(source, indices, input_channels(model.module),
+                 lambda x: output_count(model.module, x.to(device)))
     eps_list = list(config.eps_sweep) or [config.eps]
     gate_e = min(range(len(eps_list)), key=lambda e: abs(eps_list[e] - config.eps))
     settings = [attack_settings(config, eps, classes=len(source.class_names)) for eps in eps_list]
@@ -349,7 +358,7 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
     sweep = _sweep(run.records, loaded.eps_list, names) if len(run.records) > 1 else []
     sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
     warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
-    warnings += run.escalation.warnings()
+    warnings += run.escalation.warnings() + loaded.source.warnings
     gallery, partial = {}, run.partial
     if not partial and loaded.ctx.is_main:  # only rank 0 writes reports
         flagged = [v.index for v in judgement.flagged]

@@ -113,6 +113,8 @@ SETTINGS = [
     _setting("--split", scan_only=True, help="Split of a named data set.", default_of="split"),
     _setting("--class-names", help="Text file with one class name per line."),
     _setting("--image-size", type=int, help="Resize and centre-crop images to this size."),
+    _setting("--channels", type=int, help="Image channels the model takes: 1 (greyscale) or 3 "
+             "(RGB).  [default: what the model's first layer takes]"),
     _setting("--classes", scan_only=True,
              help="Audit only these classes (comma-separated names)."),
     _setting("--per-class", type=int, help="Seeded stratified sample of N examples per class "

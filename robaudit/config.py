@@ -56,6 +56,7 @@ class ScanConfig:
     split: str = "test"
     class_names: str | None = None
     image_size: int | None = None
+    channels: int | None = None  # None: what the model's first layer takes
     classes: tuple[str, ...] = ()
     per_class: int | None = None
     limit: int | None = None
@@ -237,6 +238,7 @@ def validate(config: ScanConfig) -> None:
           f"step_size must be positive, got {config.step_size}")
     check("temperatures", bool(config.temperatures) and all(t > 0 for t in config.temperatures),
           f"temperatures must be positive numbers, got {list(config.temperatures)}")
+    check("channels", config.channels in (None, 1, 3), f"channels is 1 or 3, not {config.channels}")
     for name in ("min_class_robust", "max_gap", "max_drop"):
         value = getattr(config, name)
         check(name, value is None or 0 <= value <= 1,

@@ -34,9 +34,12 @@ def test_the_bundled_example_gives_the_figures_it_gave_before_the_interface(digi
     got = {c["name"]: {a: c["robust"][a]["correct"] for a in attacks} for c in doc["classes"]}
     assert got == pinned["robust_correct"]
     assert {c["name"]: c["confusion_row"] for c in doc["classes"]} == pinned["confusion_row"]
+    # A mean margin of 20-step trajectories follows float32 rounding, which differs between CPU
+    # kernels (seen: 3.08509 on one AMD EPYC machine, 3.07448 on another, same counts): the
+    # counts above are exact, the margins close.
     for c in doc["classes"]:
         assert c["mean_adv_margin"] == pytest.approx(pinned["mean_adv_margin"][c["name"]],
-                                                     abs=2e-4)
+                                                     abs=0.02)
     assert doc["summary"]["mean_forwards"] == pytest.approx(pinned["mean_forwards"], abs=1e-9)
 
 

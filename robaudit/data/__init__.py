@@ -9,7 +9,7 @@ subset and :func:`iter_batches` streams it in batches.
 from __future__ import annotations
 
 from robaudit.data.batches import iter_batches
-from robaudit.data.load import load_data
+from robaudit.data.load import fit_to_model, load_data
 from robaudit.data.named import TORCHVISION_NAMES
 from robaudit.data.sampling import select_indices
 from robaudit.data.source import DataSource, read_class_names
@@ -17,6 +17,7 @@ from robaudit.data.source import DataSource, read_class_names
 __all__ = [
     "TORCHVISION_NAMES",
     "DataSource",
+    "fit_to_model",
     "iter_batches",
     "load_data",
     "read_class_names",

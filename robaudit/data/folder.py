@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from robaudit.data.channels import Channels
 from robaudit.data.source import one_line
 from robaudit.errors import DataError
 
@@ -37,8 +38,10 @@ class ResizeCrop:
     A batch needs equal sizes; cropping rather than stretching keeps objects undistorted.
     """
 
-    def __init__(self, size: tuple[int, int]) -> None:
+    def __init__(self, size: tuple[int, int], first: str | None = None) -> None:
         self.size = size
+        #: The image whose size ``size`` is, when no size was chosen; None when one was.
+        self.first = first
 
     def __call__(self, image: Image.Image) -> Image.Image:
         height, width = self.size
@@ -57,11 +60,15 @@ class ResizeCrop:
         return f"ResizeCrop(size={self.size})"
 
 
-def load_folder(path: Path, image_size: int | None) -> tuple[ImageFolder, np.ndarray, list[str]]:
+def load_folder(
+    path: Path, image_size: int | None, channels: Channels | None = None
+) -> tuple[ImageFolder, np.ndarray, list[str]]:
     """An ImageFolder over ``path`` with the images made one size; (dataset, targets, names).
 
     With ``image_size`` every image is resized and centre-cropped to image_size x image_size;
-    without it, to the size of the first image, so images of mixed sizes still batch.
+    without it, to the size of the first image, so images of mixed sizes still batch
+    (:func:`resized_warning` says how many were). Images are decoded as RGB, then converted by
+    ``channels``.
     """
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import Compose, ToTensor
@@ -86,20 +93,50 @@ def load_folder(path: Path, image_size: int | None) -> tuple[ImageFolder, np.nda
             f"{path} contains no examples: its class folders {dataset.classes[:5]} hold no images "
             "(.png, .jpg, ...); put images in them"
         )
+    first = None
     if image_size is not None:
         size = (image_size, image_size)
     else:
         first = dataset.samples[0][0]
         try:
-            with Image.open(first) as image:  # reads the header only
-                size = (image.height, image.width)
+            size = _image_size(first)
         except _DECODE_ERRORS as exc:
             raise DataError(
                 f"cannot read image {first}: {one_line(exc)}; fix or remove the file"
             ) from exc
-    dataset.transform = Compose([ResizeCrop(size), ToTensor()])
+    dataset.transform = Compose([channels or Channels(), ResizeCrop(size, first), ToTensor()])
     targets = np.asarray(dataset.targets, dtype=np.int64)
     return dataset, targets, list(dataset.classes)
+
+
+def resized_warning(dataset: object, indices: np.ndarray) -> str | None:
+    """How many selected images were resized to the first image's size, or None.
+
+    Reads only the images' headers. Unreadable images are left to the decoding, which names them.
+    """
+    steps = getattr(getattr(dataset, "transform", None), "transforms", [])
+    resize = next((t for t in steps if isinstance(t, ResizeCrop)), None)
+    if resize is None or resize.first is None:
+        return None
+    resized = 0
+    for index in indices.tolist():
+        try:
+            resized += _image_size(dataset.samples[index][0]) != resize.size
+        except _DECODE_ERRORS:
+            continue
+    if not resized:
+        return None
+    height, width = resize.size
+    return (
+        f"{resized} of {len(indices)} audited images are not {width}x{height} like the first "
+        f"image ({resize.first}); they were resized and centre-cropped to {width}x{height}: "
+        "pass --image-size N to choose the size (N x N) for every image"
+    )
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:  # reads the header only
+        return image.height, image.width
 
 
 def _refuse_link_loops(path: Path) -> None:

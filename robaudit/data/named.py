@@ -1,4 +1,10 @@
-"""torchvision data sets by name, read from (or downloaded to) a root folder."""
+"""torchvision data sets by name, read from (or downloaded to) a root folder.
+
+None of them unpickles what it reads: CIFAR's batch files are read by :mod:`robaudit.data.cifar`,
+torchvision reads MNIST's processed files and ImageNet's meta.bin with
+``torch.load(weights_only=True)``, SVHN's and ImageNet's .mat files with scipy's loadmat (no
+pickle), STL-10's raw bytes with numpy.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from robaudit.data.channels import Channels
+from robaudit.data.cifar import load_cifar
 from robaudit.data.folder import ResizeCrop, load_rgb
 from robaudit.data.source import one_line
 from robaudit.errors import DataError
@@ -39,7 +47,8 @@ def canonical_name(spec: str) -> str | None:
 
 
 def load_named(
-    name: str, root: str | Path, *, download: bool, split: str, image_size: int | None
+    name: str, root: str | Path, *, download: bool, split: str, image_size: int | None,
+    channels: Channels,
 ) -> tuple[torch.utils.data.Dataset[Any], np.ndarray, list[str], str]:
     """Open torchvision's ``name``; (dataset, targets, class names, description)."""
     if name == "imagenet" and split == "test":
@@ -60,7 +69,7 @@ def load_named(
             "or add --download to fetch it there"
         )
     try:
-        dataset = _open(name, root_path, split, download, _transform(name, image_size))
+        dataset = _open(name, root_path, split, download, _transform(name, image_size, channels))
     except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted"
         if name == "imagenet":
             hint = (
@@ -78,10 +87,12 @@ def load_named(
     return dataset, _targets(dataset), _class_names(name, dataset), description
 
 
-def _transform(name: str, image_size: int | None) -> Callable[[Any], torch.Tensor]:
+def _transform(
+    name: str, image_size: int | None, channels: Channels
+) -> Callable[[Any], torch.Tensor]:
     from torchvision import transforms
 
-    steps: list[Callable[[Any], Any]] = []
+    steps: list[Callable[[Any], Any]] = [channels]
     if name == "imagenet":
         crop = image_size or _IMAGENET_CROP
         steps += [
@@ -101,14 +112,15 @@ def _open(
 
     if name == "imagenet":
         return datasets.ImageNet(str(root), split=split, transform=transform, loader=load_rgb)
+    if name in ("cifar10", "cifar100"):
+        # Never torchvision's CIFAR loader: it reads the batch files with pickle.load.
+        return load_cifar(name, root, split, download, transform)
     if name in ("svhn", "stl10"):
         cls = datasets.SVHN if name == "svhn" else datasets.STL10
         return cls(str(root), split=split, transform=transform, download=download)
     cls = {
         "mnist": datasets.MNIST,
         "fashionmnist": datasets.FashionMNIST,
-        "cifar10": datasets.CIFAR10,
-        "cifar100": datasets.CIFAR100,
     }[name]
     return cls(str(root), train=split == "train", transform=transform, download=download)
 

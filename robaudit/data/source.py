@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from robaudit.data.channels import Channels
 from robaudit.errors import DataError
 
 #: More classes than any real classifier has (ImageNet-21k has 21,841); beyond it a label is a bug.
@@ -27,6 +28,13 @@ class DataSource:
     targets: np.ndarray
     class_names: list[str]
     description: str
+    #: The channel count the images reach the model with; shared with the dataset's transform.
+    channels: Channels = field(default_factory=Channels)
+    #: Whether labels are the model's output indices by themselves (integer labels, or classes
+    #: named 0..K-1), rather than positions in a list of names.
+    numbered: bool = False
+    #: What the report should say about how the data was read.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -35,6 +43,18 @@ class DataSource:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def widen_classes(self, count: int) -> bool:
+        """Name classes up to ``count`` (a model's outputs) when this data set has fewer.
+
+        Only numbered labels can stand for the model's indices; the classes without examples are
+        named by their index. False when the names stay as they are.
+        """
+        extra = [str(k) for k in range(len(self.class_names), count)]
+        if not self.numbered or not extra or set(extra) & set(self.class_names):
+            return False
+        self.class_names = [*self.class_names, *extra]
+        return True
 
 
 def one_line(exc: BaseException) -> str:

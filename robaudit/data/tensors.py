@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from robaudit.data.channels import Channels
 from robaudit.data.source import one_line
 from robaudit.errors import DataError, first_line
 
@@ -31,11 +32,13 @@ class TensorImages(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     """
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, image_size: int | None = None
+        self, images: torch.Tensor, labels: torch.Tensor, image_size: int | None = None,
+        channels: Channels | None = None,
     ) -> None:
         self.images = images
         self.labels = labels
         self.image_size = image_size
+        self.channels = channels or Channels()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,6 +51,7 @@ class TensorImages(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         """Items ``index`` as (x float32 NCHW in [0, 1], y int64)."""
         x = self.images[index]
         x = x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x.to(torch.float32)
+        x = self.channels.tensor(x)
         if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size,) * 2:
             from torchvision.transforms.v2 import functional as F
 
@@ -57,7 +61,7 @@ class TensorImages(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
 
 
 def load_tensor_file(
-    path: Path, image_size: int | None
+    path: Path, image_size: int | None, channels: Channels | None = None
 ) -> tuple[TensorImages, np.ndarray, list[str] | None]:
     """Read a .npz or .pt file into (dataset, targets, class names it carries or None)."""
     arrays = _read_npz(path) if path.suffix.lower() == ".npz" else _read_pt(path)
@@ -76,7 +80,7 @@ def load_tensor_file(
     targets = _labels(y, len(x), where)
     images = _images_nchw(x, where)
     names = _class_names(arrays["class_names"], where) if "class_names" in arrays else None
-    return TensorImages(images, torch.from_numpy(targets), image_size), targets, names
+    return TensorImages(images, torch.from_numpy(targets), image_size, channels), targets, names
 
 
 def _read_npz(path: Path) -> dict[str, Any]:

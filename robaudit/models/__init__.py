@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from robaudit.errors import ConfigError, ModelLoadError, first_line
-from robaudit.models.arch import build_arch, fit_state_dict
+from robaudit.models.arch import build_arch, fit_model, input_channels, output_count
 from robaudit.models.detect import (
     ONNX,
     SAFETENSORS,
@@ -31,7 +31,9 @@ from robaudit.models.normalize import Normalize, make_normalize
 from robaudit.models.state_dict import load_state_dict
 from robaudit.models.torchscript import load_torchscript
 
-__all__ = ["LoadedModel", "Normalize", "load_model", "verify_runtime"]
+__all__ = [
+    "LoadedModel", "Normalize", "input_channels", "load_model", "output_count", "verify_runtime"
+]
 
 
 @dataclass
@@ -154,7 +156,7 @@ def _load_state_dict_model(
         )
     model = build_arch(arch, num_classes)
     state = load_state_dict(path, file_format)
-    fit_state_dict(model, state, arch)
+    model = fit_model(model, state, arch, num_classes)
     source = "safetensors" if file_format == SAFETENSORS else "state dict"
     return model, "state_dict", f"{source} on {arch}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,9 @@ import torch
 from torch import nn
 
 from robaudit.errors import ModelLoadError, first_line
+from robaudit.models.exported import ExportedModule
+
+_LOG = logging.getLogger(__name__)
 
 
 def build_arch(arch: str, num_classes: int | None) -> nn.Module:
@@ -108,6 +112,82 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], arch: st
             f"{_some(wrong)}; check --arch and --num-classes"
         )
     model.load_state_dict(state, strict=True)
+
+
+def fit_model(
+    model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, num_classes: int | None
+) -> nn.Module:
+    """``model`` (built from ``arch``) with ``state`` loaded; rebuilt first with the state's class
+    count when ``num_classes`` was not given and only the outputs' size differs.
+
+    An architecture's default class count (torchvision's 1000) rarely is the checkpoint's, and the
+    checkpoint says its count in the shape of its last layer, so it is not asked for.
+    """
+    if num_classes is None:
+        inferred = _state_classes(model.state_dict(), state)
+        if inferred is not None:
+            count, layer = inferred
+            _LOG.info("--num-classes not given: building %s with %d classes, the size of the "
+                      "state dict's %s", arch, count, layer)
+            model = build_arch(arch, count)
+    fit_state_dict(model, state, arch)
+    return model
+
+
+def _state_classes(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> tuple[int, str] | None:
+    """(class count, layer) when the state differs from ``expected`` only in its outputs.
+
+    That is: every tensor of a differing shape differs in its first dimension alone, all by the
+    same count, and the architecture's last weight of two or more dimensions is among them (its
+    classifier; auxiliary classifiers such as Inception's differ the same way).
+    """
+    weights = [k for k, v in expected.items() if k.endswith("weight") and v.dim() >= 2]
+    if not weights:
+        return None
+    last = weights[-1]
+    counts = set()
+    for key, want in expected.items():
+        got = state.get(key)
+        if got is None or tuple(got.shape) == tuple(want.shape):
+            continue
+        if got.dim() != want.dim() or got.dim() == 0 or got.shape[1:] != want.shape[1:]:
+            return None
+        counts.add(int(got.shape[0]))
+    if len(counts) != 1 or last not in state or tuple(state[last].shape) == tuple(
+        expected[last].shape
+    ):
+        return None
+    return counts.pop(), last
+
+
+def input_channels(module: nn.Module) -> int | None:
+    """The channel count a model's input takes, when its first layer says so; else None.
+
+    torch.export programs record their input shape; other models are asked their first 2-D
+    convolution (TorchScript and convolution-free models say nothing).
+    """
+    for layer in module.modules():
+        if isinstance(layer, ExportedModule):
+            shape = layer.input_shape
+            return shape[1] if len(shape) == 4 and isinstance(shape[1], int) else None
+        if isinstance(layer, nn.Conv2d):
+            return layer.in_channels
+    return None
+
+
+def output_count(module: nn.Module, x: torch.Tensor) -> int | None:
+    """How many logits ``module`` gives for the one-image batch ``x``; None when it cannot run.
+
+    The scan's own first pass reports why a model cannot run, so failures are not raised here.
+    """
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception:  # any failure is reported, better worded, by the scan's first pass
+        return None
+    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
 
 
 def _some(items: list[str], limit: int = 3) -> str:
