@@ -192,9 +192,9 @@ def test_nan_outputs_count_as_broken_and_the_report_says_so(tmp_path: Path,
     code = main(["scan", str(model), "--data", str(tmp_path / "data.npz"), *FAST, "--eps",
                  "0.1", "--min-class-robust", "0.25", "--json", str(tmp_path / "report.json")])
     err = capsys.readouterr().err
+    assert code == ExitCode.FLAGGED, err
     doc = json.loads((tmp_path / "report.json").read_text())
 
-    assert code == ExitCode.FLAGGED
     classes = doc["classes"]
     # Every attack's first iterate is grey, so NaN: nothing stays robust, class 0 included.
     assert [c["robust"]["worst"]["correct"] for c in classes] == [0] * 10

@@ -51,9 +51,12 @@ _REQUIRED = (
 # What a weights or constants config may name, per folder (custom_obj_ and opaque_obj_ constants
 # are pickled Python objects and are never accepted).
 _PAYLOADS = {"weights": re.compile(r"weight_\d+"), "constants": re.compile(r"tensor_\d+")}
-# Operators a graph node may name: torch's operator library and the operators of symbolic sizes.
+# Operators a graph node may name: torch's operator library (aten's bitwise operators are named
+# like Python's dunders; no other dunder, which would reach Python objects) and the operators of
+# symbolic sizes.
 _OPERATORS = re.compile(
-    r"torch\.ops\.[A-Za-z]\w*\.[A-Za-z]\w*(\.[A-Za-z]\w*)?|torch\.sym_[a-z]+"
+    r"torch\.ops\.[A-Za-z]\w*\.(_?[A-Za-z]\w*|__i?(and|or|xor|lshift|rshift)__)(\.[A-Za-z]\w*)?"
+    r"|torch\.sym_[a-z]+"
     r"|_operator\.(eq|ne|le|ge|lt|gt|neg|pos|mul|add|sub|floordiv|mod|pow|truediv|and_|or_"
     r"|not_|getitem)|math\.(trunc|floor|ceil|sqrt)"
 )
