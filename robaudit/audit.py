@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from robaudit import distributed
-from robaudit.attacks import Attack, build_attack, build_attacks
+from robaudit.attacks import Attack, build_attack, build_attacks, prototype
 from robaudit.attacks.memory import is_out_of_memory, memory_errors, out_of_memory, plan_batch
 from robaudit.attacks.stream import EnginePool, ExampleResult, combine_parts, stream_audit
+from robaudit.choices import ESCALATION
 from robaudit.compare import Figures, check_comparable, read_figures
 from robaudit.config import (
     ScanConfig,
@@ -31,7 +32,6 @@ from robaudit.data import DataSource, fit_to_model, iter_batches, load_data, sel
 from robaudit.errors import ConfigError, NothingToAudit, UsageError
 from robaudit.gallery import make_gallery
 from robaudit.masking import (
-    SCALE_INVARIANT,
     Escalation,
     class_signs,
     persisting,
@@ -279,12 +279,13 @@ def _escalate(config: ScanConfig, loaded: _Loaded, run: _Attacked,
         module = loaded.model.module
         module.eval()
         try:
-            if not any(a in ran for a in SCALE_INVARIANT):
-                _escalate_stage(config, loaded, run, escalation, "dlr", list(signs), report)
+            loss, search = ESCALATION  # a scale-invariant loss, then a gradient-free search
+            if not any(prototype(a).scale_invariant for a in ran):
+                _escalate_stage(config, loaded, run, escalation, loss, list(signs), report)
             remaining = persisting(gate, names, signs)
             escalation.explained = [name for name in signs if name not in remaining]
-            if remaining and "square" not in ran:
-                _escalate_stage(config, loaded, run, escalation, "square", remaining, report)
+            if remaining and all(prototype(a).uses_gradient for a in ran):
+                _escalate_stage(config, loaded, run, escalation, search, remaining, report)
         except KeyboardInterrupt:
             run.partial = True  # the figures before escalation stand; it is marked partial
         finally:
@@ -327,7 +328,7 @@ def _on_survivors(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, r
         targets = survivors(rec, loaded.source.class_names, classes)
         attacked.append(len(targets))
         mine = distributed.shard(targets, loaded.ctx)
-        parts = attack.parts() if hasattr(attack, "parts") else [attack]
+        parts = attack.parts()
         found = Records(attack_names=[attack.name])
         batches = ((x.to(loaded.device), y.to(loaded.device), idx)
                    for x, y, idx in iter_batches(loaded.source, mine, data_batch))

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robaudit.config import FINISH, format_eps
+from robaudit.choices import FINISH
+from robaudit.config import format_eps
 from robaudit.errors import UsageError
 from robaudit.gate import Failure, GatePolicy, judge
 from robaudit.metrics import WORST, ClassStats, Rate, ranks, spearman

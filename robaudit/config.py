@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robaudit.choices import MODES, NORMS, SCHEDULES
+from robaudit.choices import FINISH, MODES, NORMS, PRESETS, SCHEDULES
 from robaudit.errors import ConfigError, MissingSetting
 from robaudit.gate import GatePolicy
 from robaudit.values import format_eps, parse_fraction, split_list
@@ -39,9 +39,6 @@ COUNTS = {"steps": (1, 10**6), "restarts": (1, 10**4), "queries": (1, 10**7),
           "escalation_queries": (1, 10**7), "targets": (1, 10**4), "per_class": (1, None),
           "limit": (1, None), "image_size": (1, MAX_IMAGE_SIZE), "num_classes": (2, 10**6)}
 DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-#: The default finish: targeted DLR (see ScanConfig.finish).
-FINISH = ("dlr-t",)
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ class ScanConfig:
     # Attacks
     #: Attack names, or one preset: ``fast`` (PGD + T-PGD) or ``standard`` (AutoAttack's
     #: APGD-CE, APGD-T and Square, each on the survivors of the previous ones).
-    attacks: tuple[str, ...] = ("pgd", "tpgd")
+    attacks: tuple[str, ...] = PRESETS["fast"]
     #: The threat model: ``linf`` or ``l2`` (eps is then the L2 radius in pixel units).
     norm: str = "linf"
     #: Square's queries per example (AutoAttack's 5000 when Square is among the attacks).
@@ -133,8 +130,6 @@ class ScanConfig:
     sources: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        from robaudit.attacks import PRESETS
-
         if len(self.attacks) == 1 and self.attacks[0] in PRESETS:
             # A preset is a list of attacks; ``standard`` runs them AutoAttack's way.
             preset = self.attacks[0]
@@ -293,17 +288,7 @@ def describe_attacks(config: ScanConfig, names: Sequence[str],
         attack = build_attack(name, attack_settings(config, config.eps, stage, classes))
         entry: dict[str, Any] = {"name": name, "description": ATTACKS[name][1],
                                  "eps": config.eps, "norm": config.norm, "stage": stage,
-                                 "escalation": stage == "escalation"}
-        if attack.uses_gradient:
-            entry.update(steps=attack.steps, step_size=attack.initial_step_size,
-                         restarts=attack.restarts, schedule=attack.schedule)
-            targets = sum(o.target_rank > 0 for o in attack.objectives)
-            if targets:
-                entry["targets"] = targets
-        else:
-            entry["queries"] = attack.queries
-        if name == "tpgd":
-            entry["temperatures"] = list(config.temperatures)
+                                 "escalation": stage == "escalation", **attack.describe()}
         described.append(entry)
     return described
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from robaudit.attacks import one_step_pairs, prototype
 from robaudit.metrics import Records
 
 #: A class shows the bad-gradient sign when more of its attacked examples than this had a zero
@@ -28,13 +29,6 @@ RESIDUAL_BAD_GRADIENT_SHARE = 0.5
 SQUARE_EXCESS = 0.03
 #: Signs that concern the whole model, not a class.
 GLOBAL_SIGNS = ("probability_outputs", "randomised_model")
-#: The attacks of escalation, in the order they run: the scale-invariant loss on every class
-#: with signs (unless one already ran), then the gradient-free search on those whose signs it
-#: did not explain away (:func:`persisting`).
-ESCALATION = ("dlr", "square")
-#: Losses unchanged by scaling the logits (DLR also by shifting them): softmax saturation does
-#: not zero their gradients.
-SCALE_INVARIANT = ("dlr", "dlr-t", "apgd-t")
 #: Signs that a scale-invariant loss with healthy gradients explains away: saturated softmax
 #: (scaled logits, probability outputs) starves cross-entropy's gradients, not DLR's.
 SATURATION_SIGNS = ("bad_gradients", "probability_outputs")
@@ -107,11 +101,13 @@ def class_signs(records: Records, class_names: Sequence[str], global_checks: Seq
 
 
 def _fgsm_stronger(records: Records, mine: np.ndarray, y: np.ndarray) -> bool:
-    if "fgsm" not in records.attack_names or "pgd" not in records.attack_names:
-        return False
-    robust = {a: int((records.array("adv_pred", a)[mine] == y[mine]).sum())
-              for a in ("fgsm", "pgd")}
-    return robust["fgsm"] < robust["pgd"] - max(1, 0.01 * int(mine.sum()))
+    """Whether a one-step attack left fewer of ``mine`` robust than an iterative one did."""
+    def robust(a: str) -> int:
+        return int((records.array("adv_pred", a)[mine] == y[mine]).sum())
+
+    slack = max(1, 0.01 * int(mine.sum()))
+    return any(robust(one) < robust(many) - slack
+               for one, many in one_step_pairs(records.independent))
 
 
 def _rises_with_eps(sweep: Sequence[Records], c: int) -> bool:
@@ -143,8 +139,8 @@ def scale_invariant_bad_share(records: Records, mine: np.ndarray) -> float | Non
     or non-finite input gradient under it (None when none ran on them)."""
     ran = np.zeros(len(mine), dtype=bool)
     bad = np.zeros(len(mine), dtype=bool)
-    for a in SCALE_INVARIANT:
-        if a in records.attack_names:
+    for a in records.attack_names:
+        if prototype(a).scale_invariant:
             here = mine & (records.array("forwards", a) > 0)
             ran |= here
             bad |= here & records.array("bad_gradient", a).astype(bool)
@@ -174,7 +170,8 @@ def unreliable_classes(records: Records, class_names: Sequence[str],
     escalation was on; its columns, and the scan's own, are in ``records``)."""
     y = records.array("y").astype(np.int64)
     attacked = records.array("clean_pred").astype(np.int64) == y
-    gradient = [a for a in records.attack_names if a != "square"]
+    gradient = [a for a in records.attack_names if prototype(a).uses_gradient]
+    searches = [a for a in records.attack_names if not prototype(a).uses_gradient]
     robust_gradient = attacked.copy()
     for a in gradient:
         robust_gradient &= records.array("adv_pred", a).astype(np.int64) == y
@@ -195,12 +192,13 @@ def unreliable_classes(records: Records, class_names: Sequence[str],
                            "of its examples under the scale-invariant DLR loss: only a "
                            "gradient-free search tested it")
             continue
-        if "square" in records.attack_names:
-            extra = int((mine & robust_gradient &
-                         (records.array("adv_pred", "square").astype(np.int64) != y)).sum())
+        if searches:
+            broken = np.logical_or.reduce([records.array("adv_pred", a).astype(np.int64) != y
+                                           for a in searches])
+            extra = int((mine & robust_gradient & broken).sum())
             if extra >= 2 and extra > SQUARE_EXCESS * n:
-                found[name] = (f"the gradient-free Square attack broke {extra} of its {n} "
-                               "examples that every gradient attack left robust: its gradients "
-                               "are masked, and a search of limited budget may still "
+                found[name] = (f"the gradient-free {', '.join(searches)} attack broke {extra} "
+                               f"of its {n} examples that every gradient attack left robust: "
+                               "its gradients are masked, and a search of limited budget may still "
                                "overestimate it")
     return found

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from robaudit.attacks import one_step_pairs
 from robaudit.attacks.memory import is_out_of_memory
 from robaudit.errors import DataError, ModelOutputError
-from robaudit.metrics import Records, Summary
+from robaudit.metrics import WORST, Records, Summary
 
 #: Examples beyond which a single disagreement between torch and onnxruntime is only a warning.
 RUNTIME_AGREEMENT_WARN = 0.01
@@ -89,11 +90,13 @@ def sanity_checks(summary: Summary, sweep: list[dict[str, Any]], mode: str) -> l
                 "gradients at some step, a sign of gradient masking; robust accuracy may be "
                 "overestimated")})
     robust = summary.robust_acc
-    if ("fgsm" in robust and "pgd" in robust and mode == "each"
-            and robust["fgsm"] < robust["pgd"] - 0.01):
-        found.append({"check": "fgsm_stronger_than_pgd", "message": (
-            f"FGSM ({robust['fgsm']:.1%}) is stronger than PGD ({robust['pgd']:.1%}): a one-step "
-            "attack should never beat many steps unless gradients are masked")})
+    pairs = one_step_pairs([a for a in robust if a != WORST]) if mode == "each" else []
+    for one, many in pairs:
+        if robust[one] < robust[many] - 0.01:
+            found.append({"check": "fgsm_stronger_than_pgd", "message": (
+                f"{one} ({robust[one]:.1%}) is stronger than {many} ({robust[many]:.1%}): a "
+                "one-step attack should never beat many steps unless gradients are masked")})
+            break
     for lower, higher in itertools.pairwise(sweep):
         low, high = lower["robust_acc"]["worst"], higher["robust_acc"]["worst"]
         if high > low + 0.01:

@@ -292,3 +292,41 @@ def test_the_runs_of_a_targeted_attack_side_by_side_break_as_one_after_the_other
     assert torch.equal(result.x_adv, sequential.x_adv[0])
     # Side by side, the first two runs spend all their steps while the third breaks.
     assert result.forwards == int(sequential.forwards[0])
+
+
+# -- attacks are known by their traits, not their names ----------------------------------------
+
+
+def test_no_attack_name_is_written_outside_the_registry_and_the_presets():
+    import ast
+
+    from conftest import ROOT
+
+    from robaudit.attacks import ATTACKS
+
+    allowed = {"robaudit/attacks", "robaudit/choices.py"}
+    found = []
+    for path in sorted((ROOT / "robaudit").rglob("*.py")):
+        where = str(path.relative_to(ROOT))
+        if any(where.startswith(a) for a in allowed):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), where)):
+            if isinstance(node, ast.Constant) and node.value in ATTACKS:
+                found.append(f"{where}:{node.lineno} {node.value!r}")
+    assert found == []
+
+
+def test_escalation_and_the_masking_checks_read_traits():
+    from robaudit.attacks import one_step_pairs, prototype
+    from robaudit.choices import ESCALATION, PRESETS
+
+    loss, search = ESCALATION
+    assert prototype(loss).scale_invariant and prototype(loss).uses_gradient
+    assert not prototype(search).uses_gradient
+    assert [a for a in PRESETS["standard"] if prototype(a).scale_invariant] == ["apgd-t"]
+    assert {a for a in ("dlr", "dlr-t", "apgd-t", "pgd", "tpgd", "cw") if
+            prototype(a).scale_invariant} == {"dlr", "dlr-t", "apgd-t"}
+    assert one_step_pairs(["fgsm", "pgd", "tpgd", "dlr-t", "square"]) == [("fgsm", "pgd"),
+                                                                          ("fgsm", "tpgd")]
+    assert prototype("tpgd").describe()["temperatures"] == [0.1, 0.5]
+    assert prototype("dlr-t").targeted and prototype("dlr-t").runs == 5

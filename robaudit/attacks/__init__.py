@@ -6,6 +6,7 @@ An attack is one file (its step rule) and one line in :data:`ATTACKS` below.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,11 +20,11 @@ from robaudit.attacks.losses import (
 )
 from robaudit.attacks.pgd import PGD
 from robaudit.attacks.square import Square
-from robaudit.choices import NORMS
+from robaudit.choices import NORMS, PRESETS
 from robaudit.errors import ConfigError
 
 __all__ = ["ATTACKS", "NORMS", "PGD", "PRESETS", "Attack", "AttackOutcome", "AttackSettings",
-           "Square", "build_attack", "build_attacks", "example_seed"]
+           "Square", "build_attack", "build_attacks", "example_seed", "one_step_pairs", "prototype"]
 
 #: AutoAttack's reference budgets (Croce and Hein 2020): APGD's iterations, APGD-T's target
 #: classes, Square's queries.
@@ -71,7 +72,7 @@ def _fgsm(s: AttackSettings) -> PGD:
     # One step of size eps from the clean input (Goodfellow et al., 2015): FGSM under L∞, FGM
     # (the normalised gradient) under L2.
     return PGD(s.eps, steps=1, step_size=s.eps, restarts=1, random_start=False, norm=s.norm,
-               name="fgsm")
+               schedule="fixed", name="fgsm")
 
 
 def _reference(s: AttackSettings, name: str, **overrides) -> PGD:
@@ -106,15 +107,6 @@ ATTACKS: dict[str, tuple[Callable[[AttackSettings], Attack], str]] = {
                "(Andriushchenko et al. 2020)"),
 }
 
-#: Named portfolios for ``--attacks``.
-PRESETS: dict[str, tuple[str, ...]] = {
-    # PGD + T-PGD; escalation adds DLR and Square where the sanity checks see masking.
-    "fast": ("pgd", "tpgd"),
-    # AutoAttack standard's portfolio, each attack on the previous ones' survivors.
-    "standard": ("apgd-ce", "apgd-t", "square"),
-}
-
-
 def build_attack(name: str, settings: AttackSettings) -> Attack:
     """The attack called ``name``; ``ConfigError`` with a suggestion for an unknown name."""
     try:
@@ -131,3 +123,20 @@ def build_attack(name: str, settings: AttackSettings) -> Attack:
 
 def build_attacks(names: Sequence[str], settings: AttackSettings) -> list[Attack]:
     return [build_attack(name, settings) for name in names]
+
+
+@functools.cache
+def prototype(name: str) -> Attack:
+    """The attack called ``name`` with default settings: what the scan asks of its traits
+    (gradient-based or not, scale-invariant, targeted) when it has only a name."""
+    return build_attack(name, AttackSettings(eps=1.0))
+
+
+def one_step_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """(one-step, iterative) pairs among the untargeted gradient attacks ``names``: the one-step
+    attack must never be the stronger of a pair unless the gradients mislead (a sign of
+    gradient masking)."""
+    kinds = {a: prototype(a) for a in names}
+    iterative = [a for a, k in kinds.items()
+                 if k.uses_gradient and not k.single_step and not k.targeted]
+    return [(one, many) for one, k in kinds.items() if k.single_step for many in iterative]

@@ -10,21 +10,21 @@ confirmation and the gradient health flags. Attacks never import the engine.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from robaudit.attacks.losses import margin
+from robaudit.choices import NORMS
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 #: ``loss(logits, y, target)``: one value per example, higher means closer to broken. ``target``
 #: is the class a targeted loss pushes towards (ignored by untargeted losses).
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-#: The threat models: the L∞ and the L2 ball of radius ε around x, in pixel space [0, 1].
 
 
 def predict(logits: torch.Tensor) -> torch.Tensor:
@@ -50,35 +50,79 @@ class Objective:
     target_rank: int = 0
 
 
-@runtime_checkable
-class Attack(Protocol):
-    """The contract between an attack and the engine.
+class Attack:
+    """The contract between an attack and the engine, with its defaults, and what an attack is.
 
-    Gradient attacks (``uses_gradient``) also provide ``objective_of_run``, ``initial_step_size``
-    and ``checkpoint_interval`` (see :class:`robaudit.attacks.pgd.PGD`); gradient-free ones provide
-    ``start`` and ``propose`` (see :class:`robaudit.attacks.square.Square`).
+    A subclass is a step rule: gradient attacks (``uses_gradient``) provide ``objective_of_run``
+    and ``checkpoint_interval`` (see :class:`robaudit.attacks.pgd.PGD`); gradient-free ones
+    provide ``start`` and ``propose`` (see :class:`robaudit.attacks.square.Square`). What the
+    rest of robaudit needs to know about an attack, it asks its traits (``uses_gradient``,
+    ``scale_invariant``, ``targeted``, ``single_step``, ``runs``), never its name.
     """
 
-    name: str
-    eps: float
-    #: ``linf`` or ``l2``.
-    norm: str
-    #: The budget of one run: the steps it may take (each one forward pass; gradient attacks add
-    #: one backward pass and one last check).
-    steps: int
-    random_start: bool
+    #: Whether a step needs the input gradient (else: forward passes only).
+    uses_gradient: bool = True
+    #: Whether every run starts from a random point in the ball.
+    random_start: bool = True
+    #: The first step size (gradient attacks).
+    initial_step_size: float = 0.0
+
+    def __init__(self, eps: float, *, steps: int, norm: str, name: str) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.eps = eps
+        #: The budget of one run: the steps it may take (each one forward pass; gradient
+        #: attacks add one backward pass and one last check).
+        self.steps = steps
+        self.norm = norm
+        self.name = name
+        #: The attack whose part this is (see :meth:`parts`); its own name otherwise.
+        self.family = name
+
+    @cached_property
+    def stream(self) -> int:
+        """Where this attack's random numbers begin among an example's random streams."""
+        return (zlib.crc32(self.name.encode()) & 0xFFFF) << 16
 
     @property
     def runs(self) -> int:
         """Runs in all (random starts times objectives); each only on examples still robust."""
+        return 1
 
     @property
-    def uses_gradient(self) -> bool:
-        """Whether a step needs the input gradient (else: forward passes only)."""
+    def scale_invariant(self) -> bool:
+        """Whether its objective ignores the logits' scale and shift: a saturated softmax cannot
+        starve its gradients."""
+        return False
 
     @property
-    def stream(self) -> int:
-        """Where this attack's random numbers begin among an example's random streams."""
+    def targeted(self) -> bool:
+        """Whether its runs push towards chosen wrong classes."""
+        return False
+
+    @property
+    def single_step(self) -> bool:
+        """Whether it takes one step from the clean input: a baseline an iterative attack must
+        never lose to (if it does, gradients mislead)."""
+        return False
+
+    @property
+    def halving(self) -> bool:
+        """Whether its step size halves at checkpoints (see ``checkpoint_interval``)."""
+        return False
+
+    def checkpoint_interval(self, step: int) -> int | None:
+        """At a checkpoint of the step size (``step`` steps taken), the steps since the previous
+        one; None elsewhere."""
+        return None
+
+    def parts(self) -> list[Attack]:
+        """The attack as jobs to run side by side: one per run where runs are independent."""
+        return [self]
+
+    def describe(self) -> dict[str, object]:
+        """Its settings, for the reports."""
+        return {}
 
 
 @dataclass
@@ -193,7 +237,7 @@ def counter_uniform(keys: torch.Tensor, counters: torch.Tensor, count: int) -> t
 def checkpoint_table(attacks: Sequence[Attack], device: torch.device) -> tuple[bool, torch.Tensor]:
     """Whether any of ``attacks`` halves its step size, and per attack (row) and step (column)
     the steps since the previous checkpoint where that step is one (0 elsewhere)."""
-    halving = [getattr(a, "schedule", None) == "halving" for a in attacks]
+    halving = [a.halving for a in attacks]
     width = max(a.steps for a in attacks) + 1
     table = torch.zeros((len(attacks), width), dtype=torch.long)
     for k, a in enumerate(attacks):
@@ -202,7 +246,3 @@ def checkpoint_table(attacks: Sequence[Attack], device: torch.device) -> tuple[b
                 table[k, step] = a.checkpoint_interval(step) or 0
     return any(halving), table.to(device)
 
-
-def family(attack: Attack) -> str:
-    """The name an attack's seconds count under: for a part (see PGD.parts), its whole attack."""
-    return getattr(attack, "family", attack.name)

@@ -27,7 +27,6 @@ from robaudit.attacks.base import (
     Model,
     Objective,
     checkpoint_table,
-    family,
     fill_uniform_noise,
     predict,
     stream_keys,
@@ -159,7 +158,7 @@ class Engine:
         first = self.n
         self.n += len(jobs)
         self.jobs.extend(jobs)
-        self._names.update(family(job.attack) for job in jobs)
+        self._names.update(job.attack.family for job in jobs)
         self.run.extend([0] * len(jobs))
         self._row_objective.extend([0] * len(jobs))
         self._start_runs(list(range(first, self.n)), x)
@@ -198,7 +197,7 @@ class Engine:
         self.cur[at] = starts
         self.best_loss_x[at] = starts
         self._set_objectives(rows, jobs, at, x)
-        self.alpha[at] = torch.tensor([getattr(job.attack, "initial_step_size", 0.0)
+        self.alpha[at] = torch.tensor([job.attack.initial_step_size
                                        for job in jobs], device=device, dtype=self.alpha.dtype)
         self.step_no[at] = 0
         self.gains[at] = 0
@@ -475,7 +474,7 @@ class Engine:
         """Free ``rows``: the rows in use past the new end move into the holes below it."""
         if not rows:
             return
-        self._names.subtract(family(self.jobs[row].attack) for row in rows)
+        self._names.subtract(self.jobs[row].attack.family for row in rows)
         gone = set(rows)
         end = self.n - len(rows)
         holes = sorted(r for r in gone if r < end)

@@ -5,6 +5,8 @@ ignore it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -19,18 +21,24 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, target: Target = None) 
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def temperature_cross_entropy(temperature: float):
+@dataclass(frozen=True)
+class TemperatureCrossEntropy:
     """Cross-entropy of ``softmax(z / T)`` (Tian et al., KDD 2021).
 
     Its logit gradient is ``(softmax(z/T) - onehot(y)) / T``: T < 1 concentrates the push on the
     strongest wrong class, T > 1 spreads it over all of them.
     """
 
-    def loss(logits: torch.Tensor, y: torch.Tensor, target: Target = None) -> torch.Tensor:
-        return F.cross_entropy(logits / temperature, y, reduction="none")
+    temperature: float
 
-    loss.__qualname__ = f"temperature_cross_entropy({temperature})"
-    return loss
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, target: Target = None
+                 ) -> torch.Tensor:
+        return F.cross_entropy(logits / self.temperature, y, reduction="none")
+
+
+def temperature_cross_entropy(temperature: float) -> TemperatureCrossEntropy:
+    """The loss of Temperature-PGD at temperature ``temperature``."""
+    return TemperatureCrossEntropy(temperature)
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -90,3 +98,8 @@ def cross_entropy_targeted(logits: torch.Tensor, y: torch.Tensor,
                            target: torch.Tensor) -> torch.Tensor:
     """Targeted cross-entropy: ``-CE(z, t)``, rising as the target class becomes likely."""
     return -F.cross_entropy(logits, target, reduction="none")
+
+
+#: The losses that do not change when the logits are scaled or shifted: a saturated softmax,
+#: which starves cross-entropy's gradients, cannot hide from them.
+SCALE_INVARIANT = frozenset({dlr, dlr_targeted})

@@ -13,18 +13,16 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import zlib
 from collections.abc import Sequence
 from functools import cached_property
 
-import torch
+from robaudit.attacks.base import Attack, Loss, Objective
+from robaudit.attacks.losses import SCALE_INVARIANT, TemperatureCrossEntropy, cross_entropy
+from robaudit.attacks.runnable import Runnable
+from robaudit.choices import SCHEDULES
 
-from robaudit.attacks.base import AttackOutcome, Loss, Model, Objective
-from robaudit.attacks.losses import cross_entropy
-from robaudit.choices import NORMS, SCHEDULES
 
-
-class PGD:
+class PGD(Attack, Runnable):
     """PGD: ``x <- Π_{ball ∩ [0,1]}(x + step_size · d)``, with ``d = sign(∇x L)`` under L∞ and
     ``∇x L / ||∇x L||_2`` under L2.
 
@@ -34,8 +32,6 @@ class PGD:
     robust, and the worst case over all of them counts. With ``schedule="halving"`` the step size
     starts at 2·eps and halves when the loss stalls, as in APGD.
     """
-
-    uses_gradient = True
 
     def __init__(
         self,
@@ -47,18 +43,14 @@ class PGD:
         losses: Sequence[Loss] = (cross_entropy,),
         targets: int = 0,
         random_start: bool = True,
-        schedule: str = "fixed",
+        schedule: str = "halving",
         norm: str = "linf",
         name: str = "pgd",
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.eps = eps
-        self.steps = steps
+        super().__init__(eps, steps=steps, norm=norm, name=name)
         self.schedule = schedule
-        self.norm = norm
         if step_size is not None:
             self.initial_step_size = step_size
         elif schedule == "halving":
@@ -69,14 +61,6 @@ class PGD:
         ranks = range(1, targets + 1) if targets else (0,)
         self.objectives = tuple(Objective(loss, rank) for loss in losses for rank in ranks)
         self.random_start = random_start
-        self.name = name
-        #: The attack whose part this is (see :meth:`parts`); its own name otherwise.
-        self.family = name
-
-    @cached_property
-    def stream(self) -> int:
-        """Where this attack's random starts begin among an example's random streams."""
-        return (zlib.crc32(self.name.encode()) & 0xFFFF) << 16
 
     @property
     def step_size(self) -> float:
@@ -87,10 +71,38 @@ class PGD:
         """Random starts in all: ``restarts`` for each objective."""
         return len(self.objectives) * self.restarts
 
+    @property
+    def scale_invariant(self) -> bool:
+        return all(o.loss in SCALE_INVARIANT for o in self.objectives)
+
+    @property
+    def targeted(self) -> bool:
+        return any(o.target_rank > 0 for o in self.objectives)
+
+    @property
+    def single_step(self) -> bool:
+        return self.steps == 1 and not self.random_start
+
+    @property
+    def halving(self) -> bool:
+        return self.schedule == "halving"
+
+    def describe(self) -> dict[str, object]:
+        about: dict[str, object] = {"steps": self.steps, "step_size": self.initial_step_size,
+                                    "restarts": self.restarts, "schedule": self.schedule}
+        targets = sum(o.target_rank > 0 for o in self.objectives)
+        if targets:
+            about["targets"] = targets
+        temperatures = [o.loss.temperature for o in self.objectives
+                        if isinstance(o.loss, TemperatureCrossEntropy)]
+        if temperatures:
+            about["temperatures"] = list(dict.fromkeys(temperatures))
+        return about
+
     def objective_of_run(self, run: int) -> Objective:
         return self.objectives[run // self.restarts]
 
-    def parts(self) -> list[PGD]:
+    def parts(self) -> list[Attack]:
         """One attack per run, to run side by side instead of one after the other: part ``r``
         starts where run ``r`` starts (the same random stream and objective) and takes the same
         steps, so the first part that breaks an example breaks it as run ``r`` would. The parts
@@ -120,13 +132,6 @@ class PGD:
 
     def checkpoint_interval(self, step: int) -> int | None:
         """At a checkpoint (``step`` steps taken), the steps since the previous one."""
-        if self.schedule != "halving":
+        if not self.halving:
             return None
         return self._checkpoints.get(step)
-
-    def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor,
-                 seeds: torch.Tensor) -> AttackOutcome:
-        """Attack ``x`` (labels ``y``); ``seeds`` (one per example) seed the random starts."""
-        from robaudit.attacks.stream import attack_batch
-
-        return attack_batch(self, model, x, y, seeds)

@@ -13,41 +13,30 @@ halved at fixed fractions of the query budget.
 
 from __future__ import annotations
 
-import zlib
-from functools import cached_property
-
 import torch
 
-from robaudit.attacks.base import AttackOutcome, Model, counter_uniform
+from robaudit.attacks.base import Attack, counter_uniform
 from robaudit.attacks.norms import l2_norm
-from robaudit.choices import NORMS
+from robaudit.attacks.runnable import Runnable
 
 #: Where ``p`` halves, in ten-thousandths of the query budget (the paper's schedule).
 _HALVINGS = torch.tensor([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000])
 
 
-class Square:
+class Square(Attack, Runnable):
     """The Square Attack's step rule under the L∞ or L2 norm; ``queries`` forward passes a run."""
 
     uses_gradient = False
-    random_start = True
-    runs = 1
 
     def __init__(self, eps: float, *, queries: int = 5000, p_init: float = 0.8,
                  norm: str = "linf", name: str = "square") -> None:
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.eps = eps
-        self.queries = queries
         # The starting point is the first query; each step after it one more.
-        self.steps = max(0, queries - 1)
+        super().__init__(eps, steps=max(0, queries - 1), norm=norm, name=name)
+        self.queries = queries
         self.p_init = p_init
-        self.norm = norm
-        self.name = name
 
-    @cached_property
-    def stream(self) -> int:
-        return (zlib.crc32(self.name.encode()) & 0xFFFF) << 16
+    def describe(self) -> dict[str, object]:
+        return {"queries": self.queries}
 
     def side(self, steps: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The window's side for each row after ``steps`` queries: about a share ``p`` of the
@@ -132,10 +121,3 @@ class Square:
         new = new * mass / (new.pow(2).flatten(2).sum(dim=2).sqrt().view(n, c, 1, 1) + 1e-12)
         proposal = torch.where(both, x + torch.where(window, new, 0.0), best)
         return proposal.clamp(0.0, 1.0)
-
-    def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor,
-                 seeds: torch.Tensor) -> AttackOutcome:
-        """Attack ``x`` (labels ``y``); ``seeds`` (one per example) seed the random queries."""
-        from robaudit.attacks.stream import attack_batch
-
-        return attack_batch(self, model, x, y, seeds)
