@@ -47,7 +47,7 @@ from robaudit.models import (
     verify_runtime,
 )
 from robaudit.provenance import environment
-from robaudit.recording import extend, merge_columns, outcomes, record
+from robaudit.recording import merge_columns, outcomes, record
 from robaudit.result import ScanResult, exit_outcome, judgement_of
 from robaudit.sanity import check_outputs, nonfinite_warnings, runtime_warnings, sanity_checks
 
@@ -226,7 +226,7 @@ def _stream(config: ScanConfig, loaded: _Loaded, run: _Attacked,
         parts = [outcomes(rec.attack_names, buffered, e, runtime if e == loaded.gate_e else None)
                  for e, rec in enumerate(run.records)]
         for rec, part in zip(run.records, parts, strict=True):
-            extend(rec, part)
+            rec.extend(part)
         buffered.clear()
 
     done = 0

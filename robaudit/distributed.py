@@ -66,17 +66,6 @@ def shard(indices: np.ndarray, ctx: Context) -> np.ndarray:
     return indices[ctx.rank :: ctx.world] if ctx.active else indices
 
 
-_FIELDS = ("index", "y", "clean_pred", "clean_margin", "runtime_clean_pred")
-_PER_ATTACK = ("adv_pred", "adv_margin", "forwards", "bad_gradient", "runtime_pred")
-
-
-def _pack(records: Records) -> dict[str, Any]:
-    packed: dict[str, Any] = {f: records.array(f) for f in _FIELDS if getattr(records, f)}
-    for f in _PER_ATTACK:
-        packed[f] = {a: records.array(f, a) for a in getattr(records, f)}
-    return packed
-
-
 def gather(records: Records, ctx: Context, error: BaseException | None = None) -> Records:
     """All ranks' records, on every rank. A rank that failed ends the others with its message."""
     if not ctx.active:
@@ -86,23 +75,14 @@ def gather(records: Records, ctx: Context, error: BaseException | None = None) -
     message = None if error is None else f"{type(error).__name__}: {error}"
     parts: list[Any] = [None] * ctx.world
     dist.all_gather_object(parts, {"error": message, "records": None if error else
-                                   _pack(records)})
+                                   records.pack()})
     failed = [(r, p["error"]) for r, p in enumerate(parts) if p["error"] is not None]
     if failed:
         if error is not None:
             raise error
         rank, text = failed[0]
         raise RobauditError(f"rank {rank} of {ctx.world} failed: {text}")
-    merged = Records(attack_names=list(records.attack_names))
-    for part in parts:
-        packed = part["records"]
-        for f in _FIELDS:
-            if f in packed:
-                getattr(merged, f).append(packed[f])
-        for f in _PER_ATTACK:
-            for a, values in packed[f].items():
-                getattr(merged, f).setdefault(a, []).append(values)
-    return merged
+    return Records.unpack(records.attack_names, [part["records"] for part in parts])
 
 
 def any_partial(partial: bool, ctx: Context) -> bool:

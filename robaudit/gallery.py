@@ -67,12 +67,9 @@ def make_gallery(
     """Up to PER_CLASS broken examples of each of the MAX_CLASSES least robust flagged classes."""
     if not flagged or len(records) == 0:
         return {}
-    y = records.array("y").astype(np.int64)
+    y = records.labels()
     index = records.array("index").astype(np.int64)
-    clean_ok = records.array("clean_pred").astype(np.int64) == y
-    broken = clean_ok & np.logical_or.reduce(
-        [records.array("adv_pred", a.name).astype(np.int64) != y for a in attacks]
-    )
+    broken = records.clean_correct() & ~records.robust_under([a.name for a in attacks])
     by_class = {c: np.sort(index[broken & (y == c)])[:PER_CLASS] for c in flagged}
     order = sorted(flagged, key=lambda c: (broken & (y == c)).sum() / max(1, (y == c).sum()),
                    reverse=True)[:MAX_CLASSES]

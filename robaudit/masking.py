@@ -79,8 +79,8 @@ class Escalation:
 def class_signs(records: Records, class_names: Sequence[str], global_checks: Sequence[str],
                 sweep: Sequence[Records] = (), mode: str = "each") -> dict[str, list[str]]:
     """Class name -> the signs of masking seen in its figures (classes without any left out)."""
-    y = records.array("y").astype(np.int64)
-    attacked = records.array("clean_pred").astype(np.int64) == y
+    y = records.labels()
+    attacked = records.clean_correct()
     found: dict[str, list[str]] = {}
     everywhere = [c for c in global_checks if c in GLOBAL_SIGNS]
     for c, name in enumerate(class_names):
@@ -113,10 +113,8 @@ def _fgsm_stronger(records: Records, mine: np.ndarray, y: np.ndarray) -> bool:
 def _rises_with_eps(sweep: Sequence[Records], c: int) -> bool:
     shares = []
     for rec in sweep:
-        y = rec.array("y").astype(np.int64)
-        ok = rec.array("clean_pred").astype(np.int64) == y
-        for a in rec.attack_names:
-            ok &= rec.array("adv_pred", a).astype(np.int64) == y
+        y = rec.labels()
+        ok = rec.robust_under()
         n = int((y == c).sum())
         if n:
             shares.append((int(ok[y == c].sum()), n))
@@ -126,10 +124,8 @@ def _rises_with_eps(sweep: Sequence[Records], c: int) -> bool:
 
 def survivors(records: Records, class_names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     """Data set indices of the examples of ``classes`` that every attack left robust."""
-    y = records.array("y").astype(np.int64)
-    ok = records.array("clean_pred").astype(np.int64) == y
-    for a in records.attack_names:
-        ok &= records.array("adv_pred", a).astype(np.int64) == y
+    y = records.labels()
+    ok = records.robust_under()
     wanted = np.isin(y, [class_names.index(c) for c in classes])
     return np.sort(records.array("index").astype(np.int64)[ok & wanted])
 
@@ -151,8 +147,8 @@ def persisting(records: Records, class_names: Sequence[str],
                signs: dict[str, list[str]]) -> list[str]:
     """The classes whose signs a scale-invariant loss did not explain away: a sign other than
     saturation, or zero gradients under that loss too (quantised or otherwise flat inputs)."""
-    y = records.array("y").astype(np.int64)
-    attacked = records.array("clean_pred").astype(np.int64) == y
+    y = records.labels()
+    attacked = records.clean_correct()
     found = []
     for name, checks in signs.items():
         if any(check not in SATURATION_SIGNS for check in checks):
@@ -168,13 +164,11 @@ def unreliable_classes(records: Records, class_names: Sequence[str],
                        signs: dict[str, list[str]], escalated: bool) -> dict[str, str]:
     """Class name -> why its figure stays unreliable after escalation (``escalated``: whether
     escalation was on; its columns, and the scan's own, are in ``records``)."""
-    y = records.array("y").astype(np.int64)
-    attacked = records.array("clean_pred").astype(np.int64) == y
-    gradient = [a for a in records.attack_names if prototype(a).uses_gradient]
+    y = records.labels()
+    attacked = records.clean_correct()
     searches = [a for a in records.attack_names if not prototype(a).uses_gradient]
-    robust_gradient = attacked.copy()
-    for a in gradient:
-        robust_gradient &= records.array("adv_pred", a).astype(np.int64) == y
+    robust_gradient = records.robust_under([a for a in records.attack_names
+                                            if prototype(a).uses_gradient])
     found = {}
     for name, checks in signs.items():
         c = class_names.index(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -85,8 +86,66 @@ class Records:
     #: finish, escalation): cumulative, so not ranked against the others.
     carried: list[str] = field(default_factory=list)
 
+    #: The columns every example has, and those each attack adds (name -> batches).
+    EXAMPLE_COLUMNS: ClassVar[tuple[str, ...]] = ("index", "y", "clean_pred", "clean_margin",
+                                                  "runtime_clean_pred")
+    ATTACK_COLUMNS: ClassVar[tuple[str, ...]] = ("adv_pred", "adv_margin", "forwards",
+                                                 "bad_gradient", "runtime_pred")
+
     def __len__(self) -> int:
         return int(sum(len(part) for part in self.y))
+
+    def labels(self) -> np.ndarray:
+        return self.array("y").astype(np.int64)
+
+    def clean_correct(self) -> np.ndarray:
+        """Per example: classified correctly when clean (the examples that were attacked)."""
+        return self.array("clean_pred").astype(np.int64) == self.labels()
+
+    def robust_under(self, attacks: Sequence[str] | None = None) -> np.ndarray:
+        """Per example: correct when clean and under every one of ``attacks`` (default: all)."""
+        y = self.labels()
+        ok = self.clean_correct()
+        for a in self.attack_names if attacks is None else attacks:
+            ok &= self.array("adv_pred", a).astype(np.int64) == y
+        return ok
+
+    def strongest(self, attacks: Sequence[str]) -> np.ndarray:
+        """Per example, the position in ``attacks`` of the strongest one: a breaking attack if
+        any broke it, else the lowest margin."""
+        y = self.labels()
+        preds = np.stack([self.array("adv_pred", a).astype(np.int64) for a in attacks])
+        margins = np.stack([self.array("adv_margin", a) for a in attacks])
+        return np.where(preds != y, -np.inf, margins).argmin(axis=0)
+
+    def extend(self, part: Records) -> None:
+        """Append ``part``'s batches, column by column."""
+        for name in self.EXAMPLE_COLUMNS:
+            getattr(self, name).extend(getattr(part, name))
+        for name in self.ATTACK_COLUMNS:
+            for attack, values in getattr(part, name).items():
+                getattr(self, name).setdefault(attack, []).extend(values)
+
+    def pack(self) -> dict[str, Any]:
+        """Every column as one array: what a rank sends under torchrun (see :meth:`unpack`)."""
+        packed: dict[str, Any] = {f: self.array(f) for f in self.EXAMPLE_COLUMNS
+                                  if getattr(self, f)}
+        for f in self.ATTACK_COLUMNS:
+            packed[f] = {a: self.array(f, a) for a in getattr(self, f)}
+        return packed
+
+    @classmethod
+    def unpack(cls, attack_names: Sequence[str], packs: Sequence[dict[str, Any]]) -> Records:
+        """The records of several :meth:`pack` results, one after the other."""
+        merged = cls(attack_names=list(attack_names))
+        for packed in packs:
+            for f in cls.EXAMPLE_COLUMNS:
+                if f in packed:
+                    getattr(merged, f).append(packed[f])
+            for f in cls.ATTACK_COLUMNS:
+                for a, values in packed[f].items():
+                    getattr(merged, f).setdefault(a, []).append(values)
+        return merged
 
     @property
     def independent(self) -> list[str]:
@@ -162,8 +221,8 @@ class Summary:
 def class_stats(records: Records, class_names: Sequence[str]) -> list[ClassStats]:
     """Figures per class from per-example records."""
     k = len(class_names)
-    y = records.array("y").astype(np.int64)
-    clean_ok = records.array("clean_pred").astype(np.int64) == y
+    y = records.labels()
+    clean_ok = records.clean_correct()
     robust_ok = {a: clean_ok & (records.array("adv_pred", a) == y) for a in records.attack_names}
     worst_ok, worst_pred, worst_margin = _worst_case(records, clean_ok)
     runtime_ok = _runtime_robust(records, y)
@@ -197,8 +256,8 @@ def class_stats(records: Records, class_names: Sequence[str]) -> list[ClassStats
 
 def confusion(records: Records, num_classes: int, attack: str) -> list[list[int]]:
     """Adversarial confusion of one attack: row = true class, column = where broken ones went."""
-    y = records.array("y").astype(np.int64)
-    clean_ok = records.array("clean_pred").astype(np.int64) == y
+    y = records.labels()
+    clean_ok = records.clean_correct()
     pred = records.array("adv_pred", attack).astype(np.int64)
     # A NaN or inf output predicts no class (its pred is num_classes): broken, in no column.
     went = clean_ok & (pred != y) & (pred < num_classes)
@@ -209,9 +268,9 @@ def confusion(records: Records, num_classes: int, attack: str) -> list[list[int]
 
 def summarize(records: Records, stats: Sequence[ClassStats]) -> Summary:
     """Figures across classes."""
-    y = records.array("y").astype(np.int64)
+    y = records.labels()
     n = len(y)
-    clean_ok = records.array("clean_pred").astype(np.int64) == y
+    clean_ok = records.clean_correct()
     names = [*records.attack_names, WORST]
     present = [s for s in stats if s.n > 0]
     worst_acc = np.array([s.robust[WORST].acc for s in present])

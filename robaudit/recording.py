@@ -19,7 +19,7 @@ Runtime = Callable[[torch.Tensor], torch.Tensor]
 def record(records: Records, examples: list[ExampleResult], e: int,
            runtime: Runtime | None) -> None:
     """Append finished examples' outcomes at the ``e``-th ε to ``records``."""
-    extend(records, outcomes(records.attack_names, examples, e, runtime))
+    records.extend(outcomes(records.attack_names, examples, e, runtime))
 
 
 def outcomes(attack_names: Sequence[str], examples: list[ExampleResult], e: int,
@@ -62,30 +62,12 @@ def outcomes(attack_names: Sequence[str], examples: list[ExampleResult], e: int,
     return part
 
 
-def extend(records: Records, part: Records) -> None:
-    """Append ``part``'s columns (from :func:`outcomes`) to ``records``: list appends only."""
-    for name in ("index", "y", "clean_pred", "clean_margin", "runtime_clean_pred"):
-        getattr(records, name).extend(getattr(part, name))
-    for name in ("adv_pred", "adv_margin", "forwards", "bad_gradient", "runtime_pred"):
-        for attack, values in getattr(part, name).items():
-            getattr(records, name).setdefault(attack, []).extend(values)
-
-
-def strongest(records: Records, attacks: Sequence[str]) -> np.ndarray:
-    """Per example, the position in ``attacks`` of the strongest one: a breaking attack if any
-    broke it, else the lowest margin."""
-    y = records.array("y").astype(np.int64)
-    preds = np.stack([records.array("adv_pred", a).astype(np.int64) for a in attacks])
-    margins = np.stack([records.array("adv_margin", a) for a in attacks])
-    return np.where(preds != y, -np.inf, margins).argmin(axis=0)
-
-
 def merge_columns(records: Records, extra: Records) -> None:
     """Add ``extra``'s attack columns to ``records``. ``extra`` ran on some of the examples
     (matched by index); every other example carries the result of its strongest attack so far,
     as in worst-case mode, so the worst case over all columns stays the worst case."""
     index = records.array("index").astype(np.int64)
-    carried = strongest(records, records.attack_names)
+    carried = records.strongest(records.attack_names)
     rows = np.arange(len(index))
     position = {int(i): p for p, i in enumerate(index)}
     at = np.array([position[int(i)] for i in extra.array("index").astype(np.int64)],

@@ -113,14 +113,14 @@ def nonfinite_warnings(records: Sequence[Records], num_classes: int) -> list[str
     if not records or not len(records[0]):
         return []
     clean_pred = records[0].array("clean_pred")
-    attacked = int((clean_pred == records[0].array("y")).sum())
+    attacked = int(records[0].clean_correct().sum())
     clean = int((clean_pred == num_classes).sum())
     broken: set[int] = set()
     attacks: list[str] = []
     for rec in records:
         index = rec.array("index").astype(np.int64)
-        attacked_here = rec.array("clean_pred") == rec.array("y")
-        for a in [name for name in rec.attack_names if name not in rec.carried]:
+        attacked_here = rec.clean_correct()
+        for a in rec.independent:
             hit = attacked_here & (rec.array("adv_pred", a) == num_classes)
             if hit.any() and a not in attacks:
                 attacks.append(a)

@@ -452,9 +452,10 @@ CASES: dict[str, Case] = {
                                      ("x has 50 examples but y has 47 labels",)),
     "data-no-y": Case(with_data(npz(lambda x, y: {"x": x, "labels": y})), USAGE,
                       ("needs 'x'", "'y'")),
-    "data-three-channels": Case(
-        with_data(npz(lambda x, y: {"x": np.repeat(x, 3, axis=1), "y": y})), USAGE,
-        ("takes inputs shaped (N, 1, 8, 8)", "batch shaped (40, 3, 8, 8)")),
+    # Three channels go to a one-channel model as grey (data/channels.py); two cannot.
+    "data-two-channels": Case(
+        with_data(npz(lambda x, y: {"x": np.repeat(x, 2, axis=1), "y": y})), USAGE,
+        ("x has shape (50, 2, 8, 8)", "no channel axis of size 1 or 3")),
     "data-wrong-size": Case(
         with_data(npz(lambda x, y: {"x": np.zeros((len(y), 1, 16, 16), np.uint8), "y": y})),
         USAGE, ("takes inputs shaped (N, 1, 8, 8)", "16, 16")),
