@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 
 from robaudit import distributed
 from robaudit.attacks import Attack, build_attack, build_attacks, prototype
-from robaudit.attacks.memory import is_out_of_memory, memory_errors, out_of_memory, plan_batch
+from robaudit.attacks.memory import memory_errors, plan_batch
 from robaudit.attacks.stream import EnginePool, ExampleResult, combine_parts, stream_audit
 from robaudit.choices import ESCALATION
 from robaudit.compare import Figures, check_comparable, read_figures
@@ -86,8 +86,7 @@ def scan(
     started = time.perf_counter()
     report = progress or (lambda _p: None)
     loaded = _load(config, report)
-    attacked = _attack(config, loaded, report)
-    return _judge(config, loaded, attacked, started)
+    return _judge(_attack(config, loaded, report), started)
 
 
 @dataclass
@@ -104,20 +103,6 @@ class _Loaded:
     #: Which ε of ``eps_list`` the gate judges.
     gate_e: int
     attack_sets: list[list[Attack]]
-    seconds: float
-
-
-@dataclass
-class _Attacked:
-    """The attack phase's result: per-example records at each ε, and what was seen."""
-
-    records: list[Records]
-    warnings: list[str]
-    sanity: list[dict[str, str]]
-    runtime_diff: float | None
-    partial: bool
-    pool: EnginePool
-    escalation: Escalation
     seconds: float
 
 
@@ -160,64 +145,85 @@ def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
                    time.perf_counter() - started)
 
 
-def _attack(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], None]) -> _Attacked:
-    """Every attack on every selected example (this rank's shard), then escalation."""
+@dataclass
+class _Run:
+    """A scan in progress: its settings, what was loaded, and what its stages found so far.
+
+    Every stage takes the run and adds to it (:data:`STAGES`); the records hold the examples
+    audited so far, so the stages can as well run on one round of examples at a time.
+    """
+
+    config: ScanConfig
+    loaded: _Loaded
+    report: Callable[[Progress], None]
+    pool: EnginePool
+    #: Per-example records at each ε.
+    records: list[Records]
+    warnings: list[str] = field(default_factory=list)
+    sanity: list[dict[str, str]] = field(default_factory=list)
+    runtime_diff: float | None = None
+    partial: bool = False
+    #: A stage's failure under torchrun, kept until every rank has heard of it.
+    failure: Exception | None = None
+    escalation: Escalation = field(default_factory=Escalation)
+    seconds: float = 0.0
+
+    @property
+    def audited(self) -> bool:
+        return len(self.records[self.loaded.gate_e]) > 0
+
+
+def _attack(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], None]) -> _Run:
+    """The stages in order, each on what the ones before it left robust. A Ctrl-C ends the
+    stage it lands in and skips the rest: the figures before it stand, marked partial."""
     started = time.perf_counter()
     module = loaded.model.module
     was_training = module.training
-    module.eval()
-    first = loaded.source.dataset[int(loaded.indices[0])][0].to(loaded.device)
-    size, note = plan_batch(module, first, config.batch_size)  # the data batch's size too
-    pool = EnginePool(module, size, amp=config.amp)
-    if config.amp and loaded.device.type == "cuda":
-        module.to(memory_format=torch.channels_last)
-    run = _Attacked([Records(attack_names=list(config.attacks)) for _ in loaded.eps_list],
-                    [note] if note else [], [], None, False, pool, Escalation(), 0.0)
-    failure: Exception | None = None
+    module.eval()  # the one place: the stages attack the model in eval mode, restored after
     try:
-        _stream(config, loaded, run, report)
-    except KeyboardInterrupt:
-        run.partial = True
-    except Exception as exc:  # running out of memory is the user's to fix: a smaller batch
-        failure = exc
-        if is_out_of_memory(exc):
-            failure = out_of_memory(loaded.device, size)
-            failure.__cause__ = exc
+        run = _new_run(config, loaded, report)
+        for stage in STAGES:
+            if stage is _share or not (run.partial or run.failure):
+                _run_stage(run, stage)
     finally:
         module.train(was_training)
-    ctx = loaded.ctx
-    if failure is not None and not ctx.active:
-        raise failure
-    # Under torchrun: every rank gets every rank's records, or every rank the first failure.
-    run.records = [distributed.gather(rec, ctx, failure) for rec in run.records]
-    run.partial = distributed.any_partial(run.partial, ctx)
-    if not run.partial and len(run.records[loaded.gate_e]):
-        with memory_errors(loaded.device, size):
-            _finish(config, loaded, run, report)
-            _escalate(config, loaded, run, report)
+    if run.failure is not None:
+        raise run.failure
     run.warnings += nonfinite_warnings(run.records, len(loaded.source.class_names))
     run.seconds = time.perf_counter() - started
     return run
 
 
-def _stream(config: ScanConfig, loaded: _Loaded, run: _Attacked,
-            report: Callable[[Progress], None]) -> None:
-    """The attack loop: records examples as they complete (all of them kept on Ctrl-C)."""
-    module, source, device = loaded.model.module, loaded.source, loaded.device
+def _new_run(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], None]) -> _Run:
+    module = loaded.model.module
+    first = loaded.source.dataset[int(loaded.indices[0])][0].to(loaded.device)
+    size, note = plan_batch(module, first, config.batch_size)  # the data batch's size too
+    if config.amp and loaded.device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    return _Run(config, loaded, report, EnginePool(module, size, amp=config.amp),
+                [Records(attack_names=list(config.attacks)) for _ in loaded.eps_list],
+                warnings=[note] if note else [])
+
+
+def _run_stage(run: _Run, stage: Callable[[_Run], None]) -> None:
+    """The one interrupt handler: a Ctrl-C marks the run partial; running out of memory is the
+    user's to fix (a smaller batch); under torchrun a failure waits until the ranks share."""
+    try:
+        with memory_errors(run.loaded.device, run.pool.batch_size):
+            stage(run)
+    except KeyboardInterrupt:
+        run.partial = True
+    except Exception as exc:
+        if run.failure is not None or not run.loaded.ctx.active:
+            raise
+        run.failure = exc
+
+
+def _stream(run: _Run) -> None:
+    """The clean pass and every attack on this rank's examples; records examples as they
+    complete (all of them kept on Ctrl-C)."""
+    config, loaded = run.config, run.loaded
     runtime = loaded.model.runtime if config.runtime_check else None
-    data_batch = run.pool.batch_size
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        mine = distributed.shard(loaded.indices, loaded.ctx)
-        for i, (x, y, idx) in enumerate(iter_batches(source, mine, data_batch)):
-            x, y = x.to(device), y.to(device)
-            if i == 0:
-                # onnxruntime first: it tells a conversion that fails from data that does not fit.
-                if runtime is not None:
-                    run.runtime_diff = verify_runtime(loaded.model, x.cpu())
-                check_outputs(module, x, len(source.class_names), run.warnings, run.sanity)
-            yield x, y, idx
-
     buffered: list[ExampleResult] = []
 
     def flush() -> None:
@@ -231,97 +237,103 @@ def _stream(config: ScanConfig, loaded: _Loaded, run: _Attacked,
 
     done = 0
     try:
-        for finished in stream_audit(module, batches(), loaded.attack_sets,
-                                     batch_size=config.batch_size, seed=config.seed,
-                                     worst_case=config.mode == "worst-case", engine=run.pool):
+        for finished in stream_audit(loaded.model.module, _first_checked(run, runtime),
+                                     loaded.attack_sets, batch_size=config.batch_size,
+                                     seed=config.seed, worst_case=config.mode == "worst-case",
+                                     engine=run.pool):
             # Examples complete a few at a time; record (and run onnxruntime on) them in batches.
             buffered.extend(finished)
-            if len(buffered) >= data_batch:
+            if len(buffered) >= run.pool.batch_size:
                 flush()
             done += len(finished)
-            report(Progress("attacking", done, len(loaded.indices)))
+            run.report(Progress("attacking", done, len(loaded.indices)))
     finally:
         flush()  # on Ctrl-C too: the examples completed before it count
 
 
-def _finish(config: ScanConfig, loaded: _Loaded, run: _Attacked,
-            report: Callable[[Progress], None]) -> None:
+def _first_checked(run: _Run, runtime: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]]:
+    """This rank's batches; the first one checks the model's outputs (and onnxruntime's)."""
+    loaded = run.loaded
+    mine = distributed.shard(loaded.indices, loaded.ctx)
+    for i, (x, y, idx) in enumerate(iter_batches(loaded.source, mine, run.pool.batch_size)):
+        x, y = x.to(loaded.device), y.to(loaded.device)
+        if i == 0:
+            # onnxruntime first: it tells a conversion that fails from data that does not fit.
+            if runtime is not None:
+                run.runtime_diff = verify_runtime(loaded.model, x.cpu())
+            check_outputs(loaded.model.module, x, len(loaded.source.class_names), run.warnings,
+                          run.sanity)
+        yield x, y, idx
+
+
+def _share(run: _Run) -> None:
+    """Under torchrun, every rank gets every rank's records (or every rank the first
+    failure); it runs after an interruption too, so the partial figures cover every rank."""
+    ctx = run.loaded.ctx
+    run.records = [distributed.gather(rec, ctx, run.failure) for rec in run.records]
+    run.partial = distributed.any_partial(run.partial, ctx)
+
+
+def _finish(run: _Run) -> None:
     """The finish attacks, at every ε, on the examples of every class that no attack broke."""
-    if not config.finish:
+    config, names = run.config, run.loaded.source.class_names
+    if not config.finish or not run.audited:
         return
-    names = loaded.source.class_names
-    module = loaded.model.module
-    module.eval()
-    try:
-        for e, rec in enumerate(run.records):
-            settings = attack_settings(config, loaded.eps_list[e], classes=len(names))
-            attacks = build_attacks(config.finish, settings)
-            _on_survivors(config, loaded, run, e, rec, names, attacks, "finishing", report)
-    except KeyboardInterrupt:
-        run.partial = True  # the figures before the finish stand; they are marked partial
-    finally:
-        module.train(False)
+    for e, rec in enumerate(run.records):
+        settings = attack_settings(config, run.loaded.eps_list[e], classes=len(names))
+        _on_survivors(run, e, rec, names, build_attacks(config.finish, settings), "finishing")
 
 
-def _escalate(config: ScanConfig, loaded: _Loaded, run: _Attacked,
-              report: Callable[[Progress], None]) -> None:
+def _escalate(run: _Run) -> None:
     """Where the figures show signs of masking, attack the survivors of the classes concerned
     with the scale-invariant loss (unless one ran already), then with the gradient-free search
-    where the signs persist; judge what remains."""
-    started = time.perf_counter()
-    names = loaded.source.class_names
-    gate = run.records[loaded.gate_e]
+    where the signs persist; judge what remains (after a Ctrl-C too)."""
+    if not run.audited:
+        return
+    config, started = run.config, time.perf_counter()
+    names = run.loaded.source.class_names
+    gate = run.records[run.loaded.gate_e]
     signs = class_signs(gate, names, [item["check"] for item in run.sanity],
                         sweep=run.records if len(run.records) > 1 else (), mode=config.mode)
-    escalation = Escalation(signs=signs)
+    run.escalation = escalation = Escalation(signs=signs)
     ran = (*config.attacks, *config.finish)
-    if signs and config.escalate:
-        module = loaded.model.module
-        module.eval()
-        try:
+    try:
+        if signs and config.escalate:
             loss, search = ESCALATION  # a scale-invariant loss, then a gradient-free search
             if not any(prototype(a).scale_invariant for a in ran):
-                _escalate_stage(config, loaded, run, escalation, loss, list(signs), report)
+                _escalate_with(run, loss, list(signs))
             remaining = persisting(gate, names, signs)
             escalation.explained = [name for name in signs if name not in remaining]
             if remaining and all(prototype(a).uses_gradient for a in ran):
-                _escalate_stage(config, loaded, run, escalation, search, remaining, report)
-        except KeyboardInterrupt:
-            run.partial = True  # the figures before escalation stand; it is marked partial
-        finally:
-            module.train(False)
-    escalation.unreliable = unreliable_classes(gate, names, signs, config.escalate)
-    escalation.seconds = time.perf_counter() - started
-    run.escalation = escalation
+                _escalate_with(run, search, remaining)
+    finally:
+        escalation.unreliable = unreliable_classes(gate, names, signs, config.escalate)
+        escalation.seconds = time.perf_counter() - started
 
 
-def _escalate_stage(config: ScanConfig, loaded: _Loaded, run: _Attacked,
-                    escalation: Escalation, attack: str, classes: list[str],
-                    report: Callable[[Progress], None]) -> None:
+#: A scan's stages, in order. ``_share`` runs after an interruption or a failure too.
+STAGES: tuple[Callable[[_Run], None], ...] = (_stream, _share, _finish, _escalate)
+
+
+def _escalate_with(run: _Run, attack: str, classes: list[str]) -> None:
     """One escalation attack at every ε on the survivors of ``classes``."""
-    escalation.attacks += (attack,)
+    run.escalation.attacks += (attack,)
+    k = len(run.loaded.source.class_names)
     for e, rec in enumerate(run.records):
-        count = _escalate_at(config, loaded, run, e, rec, classes, [attack], report)
-        if e == loaded.gate_e:
-            escalation.examples = max(escalation.examples, count)
+        settings = attack_settings(run.config, run.loaded.eps_list[e], "escalation", k)
+        count = _on_survivors(run, e, rec, classes, build_attacks([attack], settings),
+                              "escalating")
+        if e == run.loaded.gate_e:
+            run.escalation.examples = max(run.escalation.examples, count)
 
 
-def _escalate_at(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, rec: Records,
-                 classes: list[str], extra: list[str],
-                 report: Callable[[Progress], None]) -> int:
-    classes_of_model = len(loaded.source.class_names)
-    settings = attack_settings(config, loaded.eps_list[e], "escalation", classes_of_model)
-    return _on_survivors(config, loaded, run, e, rec, classes, build_attacks(extra, settings),
-                         "escalating", report)
-
-
-def _on_survivors(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, rec: Records,
-                  classes: Sequence[str], attacks: list[Attack], stage: str,
-                  report: Callable[[Progress], None]) -> int:
+def _on_survivors(run: _Run, e: int, rec: Records, classes: Sequence[str],
+                  attacks: list[Attack], stage: str) -> int:
     """``attacks`` in turn on the examples of ``classes`` that every attack so far left robust
     at the ``e``-th ε, each one's runs side by side (``parts``); their columns join ``rec``.
     Returns how many examples the first one attacked."""
-    data_batch = run.pool.batch_size
+    config, loaded = run.config, run.loaded
     runtime = loaded.model.runtime if config.runtime_check and e == loaded.gate_e else None
     attacked = []
     for attack in attacks:
@@ -331,20 +343,21 @@ def _on_survivors(config: ScanConfig, loaded: _Loaded, run: _Attacked, e: int, r
         parts = attack.parts()
         found = Records(attack_names=[attack.name])
         batches = ((x.to(loaded.device), y.to(loaded.device), idx)
-                   for x, y, idx in iter_batches(loaded.source, mine, data_batch))
+                   for x, y, idx in iter_batches(loaded.source, mine, run.pool.batch_size))
         done = 0
         for finished in stream_audit(loaded.model.module, batches, [parts],
                                      batch_size=config.batch_size, seed=config.seed,
                                      engine=run.pool):
             record(found, [combine_parts(ex, 0, attack, parts) for ex in finished], 0, runtime)
             done += len(finished)
-            report(Progress(stage, done, len(mine)))
+            run.report(Progress(stage, done, len(mine)))
         merge_columns(rec, distributed.gather(found, loaded.ctx))
     return attacked[0] if attacked else 0
 
 
-def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) -> ScanResult:
+def _judge(run: _Run, started: float) -> ScanResult:
     """Figures per class and across classes, the gate's verdicts, the gallery: the result."""
+    config, loaded = run.config, run.loaded
     main = run.records[loaded.gate_e]
     if len(main) == 0:
         if run.partial:
@@ -360,15 +373,7 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
     sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
     warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
     warnings += run.escalation.warnings() + loaded.source.warnings
-    gallery, partial = {}, run.partial
-    if not partial and loaded.ctx.is_main:  # only rank 0 writes reports
-        flagged = [v.index for v in judgement.flagged]
-        try:
-            gallery = make_gallery(loaded.model.module, loaded.source, main, flagged,
-                                   _gate_attacks(config, loaded, main.attack_names),
-                                   seed=config.seed, device=loaded.device)
-        except KeyboardInterrupt:  # every figure is in: keep them, only the pictures are lost
-            partial = True
+    gallery, partial = _gallery(run, [v.index for v in judgement.flagged])
     attacks = list(main.attack_names)
     code, problem = exit_outcome(config, partial, judgement, sanity)
     return ScanResult(
@@ -379,13 +384,9 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
         judgement=judgement,
         confusion={a: confusion(main, len(names), a) for a in attacks},
         model=_model_info(loaded.model, run.runtime_diff),
-        data={
-            "spec": config.data,
-            "description": loaded.source.description,
-            "size": len(loaded.source.targets),
-            "selected": len(loaded.indices),
-            "audited": len(main),
-        },
+        data={"spec": config.data, "description": loaded.source.description,
+              "size": len(loaded.source.targets), "selected": len(loaded.indices),
+              "audited": len(main)},
         environment={**environment(loaded.device), "working_batch": run.pool.batch_size},
         timings={
             "load_s": loaded.seconds,
@@ -406,6 +407,20 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
         exit_code=code,
         problem=problem,
     )
+
+
+def _gallery(run: _Run, flagged: list[int]) -> tuple[dict[str, Any], bool]:
+    """Adversarial examples of the flagged classes, and whether the run is partial."""
+    config, loaded = run.config, run.loaded
+    if run.partial or not loaded.ctx.is_main:  # only rank 0 writes reports
+        return {}, run.partial
+    main = run.records[loaded.gate_e]
+    try:
+        return make_gallery(loaded.model.module, loaded.source, main, flagged,
+                            _gate_attacks(config, loaded, main.attack_names),
+                            seed=config.seed, device=loaded.device), False
+    except KeyboardInterrupt:  # every figure is in: keep them, only the pictures are lost
+        return {}, True
 
 
 def _gate_attacks(config: ScanConfig, loaded: _Loaded, ran: Sequence[str]) -> list[Attack]:
