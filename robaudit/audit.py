@@ -345,7 +345,8 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
     baseline = loaded.baseline
     judgement = judgement_of(stats, config.gate_policy(), main.attack_names, baseline,
                            run.escalation, config.allow_unreliable)
-    sweep = _sweep(run.records, loaded.eps_list, names) if len(run.records) > 1 else []
+    sweep = _sweep(run.records, loaded.eps_list, names, config.eps_text) \
+        if len(run.records) > 1 else []
     sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
     warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
     warnings += run.escalation.warnings()
@@ -439,8 +440,8 @@ def _select(source: DataSource, config: ScanConfig) -> np.ndarray:
                           seed=config.seed)
 
 
-def _sweep(records: list[Records], eps_list: list[float],
-           class_names: list[str]) -> list[dict[str, Any]]:
+def _sweep(records: list[Records], eps_list: list[float], class_names: list[str],
+           eps_text: Callable[[float], str] = format_eps) -> list[dict[str, Any]]:
     """Per-class robust accuracy at each ε of a sweep (robustness-vs-ε curves)."""
     entries = []
     for eps, rec in zip(eps_list, records, strict=True):
@@ -450,7 +451,7 @@ def _sweep(records: list[Records], eps_list: list[float],
         summary = summarize(rec, stats)
         entries.append({
             "eps": eps,
-            "eps_text": format_eps(eps),
+            "eps_text": eps_text(eps),
             "robust_acc": summary.robust_acc,
             "mean_class_robust": summary.mean_class_robust,
             "classes": [{"name": s.name, "n": s.n,
