@@ -22,6 +22,7 @@ from rich.text import Text
 
 from robaudit.metrics import WORST
 from robaudit.reports.terminal_layout import (
+    LEAST,
     MIN_NAME,
     Column,
     attack_label,
@@ -189,7 +190,8 @@ class TerminalReporter:
         # A class without examples (not in the data, or left out by --classes) stays in the JSON.
         audited = [c for c in doc["classes"] if c["n"] > 0]
         flagged = [not c["verdict"]["passed"] for c in audited]
-        rows = rows_shown(len(audited), flagged, [weakness(c["robust"].get(on)) for c in audited],
+        rows = rows_shown(len(audited), flagged,
+                          [weakness((c["robust"].get(on) or {}).get("acc")) for c in audited],
                           self.verbosity > 0)
         classes = [audited[i] for i in rows]
         folded = self._draw(scan_columns(doc, classes, self.verbosity > 0, _status),
@@ -301,7 +303,10 @@ class TerminalReporter:
         classes = [doc["classes"][i] for i in rows]
         folded = self._draw(compare_columns(classes, doc.get("max_drop") is not None),
                             [None if c["passed"] else "bold red" for c in classes])
-        self._notes([hidden_note(len(flagged) - len(classes), "largest drops"),
+        self._notes([hidden_note(len(flagged) - len(classes),
+                                 f"not dropped, not among the {LEAST} largest drops"
+                                 if doc.get("max_drop") is not None else
+                                 f"not among the {LEAST} largest drops"),
                      folded_note(folded, self.console.width)])
 
     @contextmanager

@@ -76,18 +76,17 @@ def rows_shown(count: int, flagged: Sequence[bool], weakness: Sequence[float],
     return sorted({i for i in range(count) if flagged[i]} | set(weakest))
 
 
-def hidden_note(hidden: int, what: str = "least robust") -> str | None:
+def hidden_note(hidden: int,
+                why: str = f"passed, not among the {LEAST} least robust") -> str | None:
     if not hidden:
         return None
-    return (f"{hidden} passing class{'es' if hidden != 1 else ''} not shown (only the flagged "
-            f"and the {LEAST} {what}); -v shows all")
+    return f"{hidden} class{'es' if hidden != 1 else ''} not shown ({why}); -v shows all"
 
 
 def folded_note(folded: Sequence[str], width: int) -> str | None:
     if not folded:
         return None
-    return (f"not shown at {width} columns: {', '.join(folded)} (in the JSON and HTML reports; "
-            "a wider terminal shows them)")
+    return f"not shown at {width} columns: {', '.join(folded)} (see the JSON or HTML report)"
 
 
 def _acc(rate: dict[str, Any] | None) -> float | None:
@@ -164,9 +163,8 @@ def compare_columns(classes: Sequence[dict[str, Any]], gated: bool) -> list[Colu
     return columns
 
 
-def weakness(rate: dict[str, Any] | None) -> float:
+def weakness(acc: float | None) -> float:
     """A class's place in "least robust first"; a class without a figure comes last."""
-    acc = _acc(rate)
     return 2.0 if acc is None else acc
 
 
