@@ -345,8 +345,7 @@ def _judge(config: ScanConfig, loaded: _Loaded, run: _Attacked, started: float) 
     baseline = loaded.baseline
     judgement = judgement_of(stats, config.gate_policy(), main.attack_names, baseline,
                            run.escalation, config.allow_unreliable)
-    sweep = _sweep(run.records, loaded.eps_list, names, config.eps_text) \
-        if len(run.records) > 1 else []
+    sweep = _sweep(run.records, loaded.eps_list, names, config.eps_text)
     sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
     warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
     warnings += run.escalation.warnings()
@@ -442,7 +441,9 @@ def _select(source: DataSource, config: ScanConfig) -> np.ndarray:
 
 def _sweep(records: list[Records], eps_list: list[float], class_names: list[str],
            eps_text: Callable[[float], str] = format_eps) -> list[dict[str, Any]]:
-    """Per-class robust accuracy at each ε of a sweep (robustness-vs-ε curves)."""
+    """Per-class robust accuracy at each ε of a sweep (robustness-vs-ε curves); none for one ε."""
+    if len(records) < 2:
+        return []
     entries = []
     for eps, rec in zip(eps_list, records, strict=True):
         if len(rec) == 0:
