@@ -369,7 +369,7 @@ def _judge(run: _Run, started: float) -> ScanResult:
     baseline = loaded.baseline
     judgement = judgement_of(stats, config.gate_policy(), main.attack_names, baseline,
                            run.escalation, config.allow_unreliable)
-    sweep = _sweep(run.records, loaded.eps_list, names) if len(run.records) > 1 else []
+    sweep = _sweep(run.records, loaded.eps_list, names, config.eps_text)
     sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
     warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
     warnings += run.escalation.warnings() + loaded.source.warnings
@@ -465,9 +465,11 @@ def _select(source: DataSource, config: ScanConfig) -> np.ndarray:
                           seed=config.seed)
 
 
-def _sweep(records: list[Records], eps_list: list[float],
-           class_names: list[str]) -> list[dict[str, Any]]:
-    """Per-class robust accuracy at each ε of a sweep (robustness-vs-ε curves)."""
+def _sweep(records: list[Records], eps_list: list[float], class_names: list[str],
+           eps_text: Callable[[float], str] = format_eps) -> list[dict[str, Any]]:
+    """Per-class robust accuracy at each ε of a sweep (robustness-vs-ε curves); none for one ε."""
+    if len(records) < 2:
+        return []
     entries = []
     for eps, rec in zip(eps_list, records, strict=True):
         if len(rec) == 0:
@@ -476,7 +478,7 @@ def _sweep(records: list[Records], eps_list: list[float],
         summary = summarize(rec, stats)
         entries.append({
             "eps": eps,
-            "eps_text": format_eps(eps),
+            "eps_text": eps_text(eps),
             "robust_acc": summary.robust_acc,
             "mean_class_robust": summary.mean_class_robust,
             "classes": [{"name": s.name, "n": s.n,

@@ -182,7 +182,8 @@ SETTINGS = [
              help="bf16 autocast for the attack passes (CUDA, or a CPU with AVX512-BF16/AMX); "
              "breaks are confirmed in fp32.", default_of="amp"),
     _setting("--strict/--no-strict", scan_only=True, default=None,
-             help="Exit 4 when a sanity check finds signs of gradient masking."),
+             help="For CI: exit 4 when no gate policy is set (before the scan), or when a "
+             "sanity check finds signs of gradient masking."),
     _setting("--min-class-robust", help="Flag classes whose robust accuracy is below this."),
     _setting("--min-ratio", help="Flag classes below this fraction of the class mean."),
     _setting("--max-gap", help="Flag classes further than this below the best class."),
@@ -203,8 +204,10 @@ SETTINGS = [
     _setting("--config", "config_file", type=click.Path(path_type=Path),
              help="Config file of the scan settings.  [default: ./robaudit.toml or "
              "[tool.robaudit] in ./pyproject.toml]"),
-    _setting("-v", "--verbose", count=True, help="More output (tracebacks on internal errors)."),
-    _setting("-q", "--quiet", count=True, help="Only the verdict line, warnings and errors."),
+    _setting("-v", "--verbose", count=True, help="More output (every class in the table, "
+             "tracebacks on internal errors)."),
+    _setting("-q", "--quiet", count=True, help="Only the flagged classes, the verdict line, "
+             "warnings and errors."),
 ]
 
 
@@ -276,8 +279,10 @@ def scan(model: Path, config_file: Path | None, verbose: int, quiet: int, **opti
 @click.argument("report", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--junit", help="Write a JUnit XML report here.")
 @click.option("--html", help="Write the HTML report here.")
-@click.option("-q", "--quiet", count=True, help="Only the verdict line and warnings.")
-def report(report: Path, junit: str | None, html: str | None, quiet: int) -> int:
+@click.option("-v", "--verbose", count=True, help="Every class in the table (past 30 classes it "
+              "shows the flagged and the least robust).")
+@click.option("-q", "--quiet", count=True, help="Only the flagged classes and the verdict line.")
+def report(report: Path, junit: str | None, html: str | None, verbose: int, quiet: int) -> int:
     """Render a saved JSON REPORT again: the terminal table, JUnit XML with --junit, HTML
     with --html."""
     from robaudit.reports import check_outputs
@@ -294,15 +299,15 @@ def report(report: Path, junit: str | None, html: str | None, quiet: int) -> int
         from robaudit.reports.html import write_html
 
         write_html(html, doc)
-    TerminalReporter(_verbosity(0, quiet)).render(doc)
+    TerminalReporter(_verbosity(verbose, quiet)).render(doc)
     return int(doc["verdict"]["exit_code"])
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("baseline", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("report", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--max-drop", required=True, help="Largest allowed drop of a class's robust "
-              "accuracy, e.g. 0.03 (3 percentage points).")
+@click.option("--max-drop", help="Largest allowed drop of a class's robust accuracy, e.g. 0.03 "
+              "(3 percentage points).  [default: none; the deltas are shown, nothing is gated]")
 @click.option("--gate-on", help="The figure compared: worst or an attack's name.  "
               "[default: the report's gate]")
 @click.option("--significance/--no-significance", default=None,
@@ -310,12 +315,16 @@ def report(report: Path, junit: str | None, html: str | None, quiet: int) -> int
               "[default: the report's setting]")
 @click.option("--json", "json_path", help="Write the comparison here as JSON: per-class "
               "deltas, verdicts and the rank correlation of the two class rankings.")
-@click.option("-q", "--quiet", count=True, help="Only the verdict line and warnings.")
-def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
-            significance: bool | None, json_path: str | None, quiet: int) -> int:
-    """Compare REPORT with a BASELINE report, class by class; exit 1 when a class dropped more
-    than --max-drop. Both must be made with the same eps, attacks and classes (else exit 4).
-    Also prints how far the two agree on which classes are weak (Spearman's rank correlation)."""
+@click.option("-v", "--verbose", count=True, help="Every class in the table (past 30 classes it "
+              "shows the dropped and the largest drops).")
+@click.option("-q", "--quiet", count=True, help="Only the dropped classes, the verdict line "
+              "and warnings.")
+def compare(baseline: Path, report: Path, max_drop: str | None, gate_on: str | None,
+            significance: bool | None, json_path: str | None, verbose: int, quiet: int) -> int:
+    """Compare REPORT with a BASELINE report, class by class; with --max-drop, exit 1 when a
+    class dropped more than that. Both must be made with the same eps, attacks and classes
+    (else exit 4). Also prints how far the two agree on which classes are weak (Spearman's
+    rank correlation)."""
     from robaudit.compare import compare as compare_reports
     from robaudit.compare import read_figures
     from robaudit.config import parse_fraction
@@ -324,9 +333,10 @@ def compare(baseline: Path, report: Path, max_drop: str, gate_on: str | None,
 
     check_outputs([("--json", json_path)], [("baseline report", baseline), ("report", report)],
                   "this comparison reads")
-    reporter = _reporter_for(json_path, verbose=0, quiet=quiet)
+    reporter = _reporter_for(json_path, verbose=verbose, quiet=quiet)
     comparison = compare_reports(
-        read_figures(baseline), read_json(report), max_drop=parse_fraction(max_drop, "max_drop"),
+        read_figures(baseline), read_json(report),
+        max_drop=None if max_drop is None else parse_fraction(max_drop, "max_drop"),
         report_path=str(report), figure=gate_on, significance=significance,
     )
     doc = comparison.to_dict()

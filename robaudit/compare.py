@@ -215,10 +215,13 @@ class Comparison:
     report_path: str
     figure: str
     eps: float
-    max_drop: float
+    #: None: no drop is judged; the comparison only shows the deltas.
+    max_drop: float | None
     significance: bool
     classes: list[ClassDelta]
     warnings: list[str] = field(default_factory=list)
+    #: The eps as the report wrote it (``8/255``).
+    eps_text: str = ""
 
     @property
     def flagged(self) -> list[ClassDelta]:
@@ -245,8 +248,10 @@ class Comparison:
             "report": self.report_path,
             "figure": self.figure,
             "eps": self.eps,
-            "eps_text": format_eps(self.eps),
+            "eps_text": self.eps_text or format_eps(self.eps),
             "max_drop": self.max_drop,
+            # False without --max-drop: every class "passed" because none was judged.
+            "gated": self.max_drop is not None,
             "significance": self.significance,
             "passed": not self.flagged,
             "flagged": [c.name for c in self.flagged],
@@ -303,17 +308,18 @@ def compare(
     baseline: Figures,
     report: Mapping[str, Any],
     *,
-    max_drop: float,
+    max_drop: float | None = None,
     report_path: str = "the report",
     figure: str | None = None,
     significance: bool | None = None,
 ) -> Comparison:
     """Judge each class of ``report`` (a JSON report document) against the baseline's figures.
 
-    ``figure`` and ``significance`` default to the report's own gate settings. UsageError when the
-    two were measured with different eps, attacks or classes.
+    ``figure`` and ``significance`` default to the report's own gate settings; without
+    ``max_drop`` nothing is judged. UsageError when the two were measured with different eps,
+    attacks or classes.
     """
-    if not 0 <= max_drop <= 1:
+    if max_drop is not None and not 0 <= max_drop <= 1:
         raise UsageError(f"max_drop must be between 0 and 1, got {max_drop}")
     current = Figures.from_doc(report, report_path)
     check_comparable(baseline, eps=current.eps, attacks=current.attacks,
@@ -341,4 +347,5 @@ def compare(
     return Comparison(
         baseline_path=baseline.path, report_path=report_path, figure=figure, eps=current.eps,
         max_drop=max_drop, significance=significance, classes=classes, warnings=warnings,
+        eps_text=str(report["config"].get("eps_text") or format_eps(current.eps)),
     )

@@ -128,6 +128,9 @@ class ScanConfig:
     html: str | None = None
     #: Where the settings came from, for the report (not a setting itself).
     sources: tuple[str, ...] = field(default=(), compare=False)
+    #: Each eps as the user wrote it (``(0.2, "51/255")``), so reports print ``51/255`` and
+    #: not the float's shortest decimal; not a setting: it changes no figure.
+    eps_written: tuple[tuple[float, str], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if len(self.attacks) == 1 and self.attacks[0] in PRESETS:
@@ -147,6 +150,7 @@ class ScanConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("sources")
+        out.pop("eps_written")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     def gate_policy(self) -> GatePolicy:
@@ -155,9 +159,18 @@ class ScanConfig:
                           max_gap=self.max_gap, max_drop=self.max_drop,
                           significance=self.significance, on=self.gate_on)
 
+    def eps_text(self, eps: float | None = None) -> str:
+        """``eps`` (default: the gate's) as the user wrote it, else in its shortest form."""
+        eps = self.eps if eps is None else eps
+        for value, text in self.eps_written:
+            if abs(value - eps) < 1e-12:
+                return text
+        return format_eps(eps)
+
 
 #: Keys a config file may set (the model comes from the command line or the caller).
-FILE_KEYS = tuple(f.name for f in fields(ScanConfig) if f.name not in ("model", "sources"))
+FILE_KEYS = tuple(f.name for f in fields(ScanConfig)
+                  if f.name not in ("model", "sources", "eps_written"))
 #: Not a field: with several ``eps``, the one the gate judges (default: the largest).
 GATE_EPS = "gate_eps"
 #: Input paths: in a config file they are relative to the file.
@@ -242,6 +255,10 @@ def validate(config: ScanConfig) -> None:
     check("max_drop", config.baseline is None or config.max_drop is not None,
           "a baseline report needs max_drop (--max-drop): the largest drop in a class's "
           "robust accuracy to allow, e.g. 0.03")
+    # Without a policy every class "passes"; CI that asks for --strict wants a real gate.
+    check("strict", not config.strict or config.gate_policy().active,
+          "--strict: no gate policy is set; set --min-class-robust, --min-ratio, --max-gap or "
+          "--max-drop (or drop --strict)")
     check("min_ratio", config.min_ratio is None or 0 < config.min_ratio <= 1,
           f"min_ratio must be in (0, 1], got {config.min_ratio}")
     check("device", bool(DEVICES.match(config.device)),
@@ -386,7 +403,10 @@ def coerce_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     sweep: it becomes the gate's ``eps`` (``gate_eps``, else the largest) and ``eps_sweep``.
     """
     named = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
-    return {k: coerce_value(k, v) for k, v in _split_eps(named).items()}
+    split = _split_eps(named)
+    written = split.pop("eps_written", None)  # already typed: not a setting users write
+    coerced = {k: coerce_value(k, v) for k, v in split.items()}
+    return coerced if written is None else {**coerced, "eps_written": written}
 
 
 def _split_eps(values: dict[str, Any]) -> dict[str, Any]:
@@ -399,9 +419,13 @@ def _split_eps(values: dict[str, Any]) -> dict[str, Any]:
         if chosen is not None:
             values["eps"] = chosen
         return values
-    all_eps = [parse_fraction(v, "eps") for v in split_list(values["eps"])]
+    given = split_list(values["eps"])
+    all_eps = [parse_fraction(v, "eps") for v in given]
     if not all_eps:
         raise ConfigError("eps is empty; give a number like 0.03 or 8/255", key="eps")
+    values["eps_written"] = tuple(
+        (eps, text.strip() if isinstance(text, str) else format_eps(eps))
+        for eps, text in zip(all_eps, given, strict=True))
     values["eps"] = chosen = max(all_eps) if chosen is None else chosen
     if len(all_eps) > 1:
         values["eps_sweep"] = tuple(sorted(set(all_eps)))
@@ -441,6 +465,7 @@ def resolve_config(
     values = coerce_settings(named)
     if "eps" in named:  # a new eps (or sweep) replaces the file's sweep; gate_eps alone does not
         from_file.pop("eps_sweep", None)
+        from_file.pop("eps_written", None)
     merged = {**from_file, **values}
     if "data" not in merged:
         raise MissingSetting("no data set given: pass --data (a .npz file, a folder or a name)",

@@ -129,16 +129,16 @@ def judge(
         if policy.max_gap is not None and best - acc > policy.max_gap + _TOL:
             failures.append(Failure(
                 "max_gap", best - rate.acc, policy.max_gap,
-                f"robust accuracy {shown} is {best - rate.acc:.1%} below the best class "
-                f"({best:.1%}); allowed gap {policy.max_gap:.1%}",
+                f"robust accuracy {shown} is {_pp(best - rate.acc)} below the best class "
+                f"({best:.1%}); allowed gap {_pp(policy.max_gap)}",
             ))
         if policy.max_drop is not None and baseline is not None and s.name in baseline:
             drop = baseline[s.name] - acc
             if drop > policy.max_drop + _TOL:
                 failures.append(Failure(
                     "max_drop", baseline[s.name] - rate.acc, policy.max_drop,
-                    f"robust accuracy {shown} dropped {baseline[s.name] - rate.acc:.1%} from the "
-                    f"baseline {baseline[s.name]:.1%}; allowed drop {policy.max_drop:.1%}",
+                    f"robust accuracy {shown} dropped {_pp(baseline[s.name] - rate.acc)} from "
+                    f"the baseline {baseline[s.name]:.1%}; allowed drop {_pp(policy.max_drop)}",
                 ))
         why = unreliable.get(s.name)
         if why is not None and not allow_unreliable:
@@ -149,6 +149,11 @@ def judge(
             ))
         verdicts.append(Verdict(s.index, s.name, rate.acc, tuple(failures), why))
     return verdicts
+
+
+def _pp(difference: float) -> str:
+    """A difference of two accuracies, in percentage points: 3.0% of 50% would be 1.5 pp."""
+    return f"{difference * 100:.1f} pp"
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,8 @@ def test_strict_turns_sanity_findings_into_exit_4(tmp_path, capsys):
     # class is unreliable and fails, unless the user allows it by name.
     assert main(args) == 1
     assert main([*args, "--allow-unreliable"]) == 0
-    assert main([*args, "--strict"]) == 4
+    # --strict needs a policy (a floor of 0 flags nothing) before it judges the sanity checks.
+    assert main([*args, "--strict", "--min-class-robust", "0"]) == 4
     err = capsys.readouterr().err
     assert "--strict: the sanity checks found signs of gradient masking (bad_gradients" in err
     assert (tmp_path / "r.json").exists()  # the reports are still written

@@ -546,8 +546,6 @@ CASES: dict[str, Case] = {
                                         USAGE, ("max_drop must be a number", "'lots'")),
     "compare-max-drop-negative": Case(compare(None, "--max-drop", "-0.5", edit=lambda d: None),
                                       USAGE, ("max_drop", "-0.5")),
-    "compare-max-drop-missing": Case(compare(None, edit=lambda d: None), USAGE,
-                                     ("Missing option '--max-drop'",)),
     "compare-other-eps": Case(compare(None, "--max-drop", "0.03", edit=other_eps), USAGE,
                               ("eps", "0.1")),
     "compare-unknown-figure": Case(

@@ -64,7 +64,7 @@ def test_a_drop_beyond_the_allowed_fails(report, tmp_path, capsys):
     assert main([*args, "--max-drop", "0.1"]) == ExitCode.FLAGGED == 1
     out = capsys.readouterr().out
     assert "-16.7 pp" in out and "DROPPED" in out
-    assert "DROPPED 0: robust accuracy 83.3% dropped 16.7% from the baseline 100.0%" in out
+    assert "DROPPED 0: robust accuracy 83.3% dropped 16.7 pp from the baseline 100.0%" in out
     assert "1 class dropped more than 10.0 pp, 2 within 10.0 pp" in out
     # The same drop is allowed by a looser policy, and a gain never fails.
     assert main([*args, "--max-drop", "0.2"]) == ExitCode.OK

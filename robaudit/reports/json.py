@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from robaudit.config import describe_attacks, format_eps
+from robaudit.config import describe_attacks
 from robaudit.gate import GatePolicy, Verdict, thresholds
 from robaudit.metrics import ClassStats, Rate, Summary
 from robaudit.reports import atomic_write
@@ -70,7 +70,7 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
         "baseline": None if baseline is None else {
             "path": baseline.path, "created": baseline.created, "robust": baseline.robust,
         },
-        "config": {**config.to_dict(), "eps_text": format_eps(config.eps),
+        "config": {**config.to_dict(), "eps_text": config.eps_text(),
                    "sources": list(config.sources)},
         "model": result.model,
         "data": result.data,

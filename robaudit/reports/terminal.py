@@ -8,17 +8,40 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from robaudit.metrics import WORST
+from robaudit.reports.terminal_layout import (
+    LEAST,
+    MIN_NAME,
+    Column,
+    attack_label,
+    compare_closing,
+    compare_columns,
+    compare_figure_line,
+    eps_line,
+    fit,
+    folded_note,
+    harden_columns,
+    hidden_note,
+    is_gated,
+    ranking_line,
+    rows_shown,
+    scan_columns,
+    sweep_lines,
+    table_width,
+    weakness,
+)
 
 # C0 and C1 controls, DEL, the line and paragraph separators and the bidirectional marks,
 # overrides and isolates: each can move the cursor, clear the screen, retitle the window or
@@ -49,20 +72,6 @@ def _shown_doc(value: Any) -> Any:
     if isinstance(value, list):
         return [_shown_doc(v) for v in value]
     return value
-
-
-def _attack_label(attack: dict[str, Any]) -> str:
-    """``tpgd (T=0.1,0.5)``, ``then dlr-t (5 targets)``, ``escalation square (1000 queries)``."""
-    details = []
-    if "temperatures" in attack:
-        details.append(f"T={','.join(f'{t:g}' for t in attack['temperatures'])}")
-    if "targets" in attack:
-        details.append(f"{attack['targets']} targets")
-    if "queries" in attack:
-        details.append(f"{attack['queries']} queries")
-    stage = attack.get("stage", "scan")
-    prefix = {"finish": "then ", "escalation": "escalation "}.get(stage, "")
-    return prefix + attack["name"] + (f" ({', '.join(details)})" if details else "")
 
 
 def _pct(value: float | None) -> str:
@@ -116,68 +125,85 @@ class TerminalReporter:
             self.console.print(Text(shown(message)))
 
     def render(self, doc: dict[str, Any]) -> None:
-        """The scan's result: header, table, summary, flagged reasons, warnings, verdict line."""
+        """The scan's result: header, table, summary, flagged reasons, warnings, verdict line.
+
+        -q keeps the reasons, as pytest -q still lists its failures."""
         doc = _shown_doc(doc)
         if self.verbosity >= 0:
             self._header(doc)
-            self.console.print(self._table(doc))
+            self._scan_table(doc)
             self._summary(doc)
-            self._reasons(doc)
+        self._reasons(doc)
         for warning in doc["warnings"]:
             self.warn(warning)
         self._verdict_line(doc)
 
+    def _labelled(self, rows: list[tuple[str, str]]) -> None:
+        """``label: value`` lines; a long value wraps at word boundaries, under itself."""
+        indent = max(len(label) for label, _ in rows) + 3
+        for label, value in rows:
+            lines = textwrap.wrap(value, max(20, self.console.width - indent),
+                                  break_on_hyphens=False) or [""]
+            for i, line in enumerate(lines):
+                head = f"{label:>{indent - 2}}: " if i == 0 else " " * indent
+                self.console.print(Text.assemble((head, "dim"), line), soft_wrap=True)
+
     def _header(self, doc: dict[str, Any]) -> None:
         config, env = doc["config"], doc["environment"]
-        attacks = ", ".join(_attack_label(a) for a in doc["attacks"])
+        attacks = ", ".join(attack_label(a) for a in doc["attacks"])
+        restarts = f"{config['restarts']} restart{'s' if config['restarts'] != 1 else ''}"
         self.console.rule(Text("robaudit scan", style="bold"), characters="=")
-        for label, value in (
+        self._labelled([
             ("model", doc["model"]["description"]),
             ("data", f"{doc['data']['description']}: {doc['data']['audited']} examples audited"),
-            ("attack", f"{attacks}; eps {config['eps_text']} ({_norm(config)}, pixels in [0,1]), "
-                       f"{config['steps']} steps, {config['restarts']} restart(s), "
-                       f"seed {config['seed']}"),
+            ("attack", f"{attacks}; {config['steps']} steps, {restarts}"),
+            ("eps", f"{eps_line(doc)}; seed {config['seed']}"),
             ("device", f"{env['device']} ({env['device_name']}), torch {env['torch']}"),
-        ):
-            self.console.print(Text.assemble((f"{label:>7}: ", "dim"), value))
+        ])
 
-    def _table(self, doc: dict[str, Any]) -> Table:
-        figures = [a["name"] for a in doc["attacks"]]
-        runtime = any(c["runtime_robust"] for c in doc["classes"])
-        gate_on = doc["verdict"]["gate"]["on"]
+    def _draw(self, columns: list[Column], styles: list[str | None],
+              title: str | None = None) -> list[str]:
+        """A table fitted to the console's width (see terminal_layout); the folded headers."""
+        width = self.console.width
+        kept, folded = fit(columns, width, cell_len)
         table = Table(box=box.SIMPLE_HEAD if self.console.is_terminal else box.ASCII,
-                      show_edge=False, pad_edge=False)
-        table.add_column("class")
-        table.add_column("n", justify="right")
-        table.add_column("clean", justify="right")
-        for name in figures:
-            table.add_column(name, justify="right")
-        table.add_column("worst (95% CI)", justify="right")
-        if runtime:
-            table.add_column("ORT", justify="right")
-        table.add_column("verdict")
-        for c in doc["classes"]:
-            if c["n"] == 0:  # not in the data, or filtered out with --classes: JSON keeps it
-                continue
-            worst = c["robust"][WORST]
-            ci = "" if worst["acc"] is None else f" ({worst['ci95'][0]:.0%}-{worst['ci95'][1]:.0%})"
-            flagged = not c["verdict"]["passed"]
+                      show_edge=False, pad_edge=False, title=title)
+        # Only a class name is ever cut, and only when the figures leave it no room.
+        spare = width - table_width(kept, cell_len)
+        for i, column in enumerate(kept):
+            cut = max(MIN_NAME, column.width(cell_len) + spare) if i == 0 and spare < 0 else None
+            table.add_column(column.header, justify="right" if column.right else "left",
+                             no_wrap=True, overflow="ellipsis", max_width=cut)
+        for row, style in enumerate(styles):
             # Text, not str: a class name like "[/]" is data, never rich markup.
-            cells: list[str | Text] = [Text(c["name"]), str(c["n"]), _pct(c["clean"]["acc"])]
-            cells += [_pct(c["robust"][name]["acc"]) for name in figures]
-            cells.append(_pct(worst["acc"]) + ci)
-            if runtime:
-                cells.append(_pct((c["runtime_robust"] or {}).get("acc")))
-            cells.append(_status(c["verdict"]))
-            table.add_row(*cells, style="bold red" if flagged else None)
-        notes = []
-        if gate_on != WORST:
-            notes.append(f"gate on: {gate_on}")
-        empty = sum(1 for c in doc["classes"] if c["n"] == 0)
-        if empty:
-            notes.append(f"{empty} class{'es' if empty != 1 else ''} without examples not shown")
-        table.caption = "; ".join(notes) or None
-        return table
+            table.add_row(*(Text(column.cells[row]) for column in kept), style=style)
+        self.console.print(table)
+        return folded
+
+    def _notes(self, notes: list[str | None]) -> None:
+        for note in notes:
+            if note:
+                self.console.print(Text(note, style="dim"))
+
+    def _scan_table(self, doc: dict[str, Any]) -> None:
+        on = doc["verdict"]["gate"]["on"]
+        # A class without examples (not in the data, or left out by --classes) stays in the JSON.
+        audited = [c for c in doc["classes"] if c["n"] > 0]
+        flagged = [not c["verdict"]["passed"] for c in audited]
+        rows = rows_shown(len(audited), flagged,
+                          [weakness((c["robust"].get(on) or {}).get("acc")) for c in audited],
+                          self.verbosity > 0)
+        classes = [audited[i] for i in rows]
+        folded = self._draw(scan_columns(doc, classes, self.verbosity > 0, _status),
+                            [None if c["verdict"]["passed"] else "bold red" for c in classes])
+        empty = len(doc["classes"]) - len(audited)
+        self._notes([
+            f"gate on: {on}" if on != WORST else None,
+            f"{empty} class{'es' if empty != 1 else ''} without examples not shown"
+            if empty else None,
+            hidden_note(len(audited) - len(classes)),
+            folded_note(folded, self.console.width),
+        ])
 
     def _summary(self, doc: dict[str, Any]) -> None:
         s = doc["summary"]
@@ -190,6 +216,8 @@ class TerminalReporter:
             f"best {s['best_class']['name']} {_pct(s['best_class']['robust_acc'])}, "
             f"gap {_pp(s['gap'])}, std {_pp(s['std'])}"
         ))
+        for line in sweep_lines(doc):
+            self.console.print(Text(line))
         for pair, rho in s["rank_correlation"].items():
             rho_text = "undefined" if rho is None else f"{rho:.2f}"
             self.console.print(Text(f"class ranking agreement {pair.replace('~', ' vs ')}: "
@@ -208,23 +236,36 @@ class TerminalReporter:
                                         style="red"))
 
     def _verdict_line(self, doc: dict[str, Any]) -> None:
+        audited = [c for c in doc["classes"] if c["n"] > 0]
         flagged = len(doc["verdict"]["flagged"])
-        passed = sum(1 for c in doc["classes"] if c["verdict"]["passed"] and c["n"] > 0)
-        seconds = doc["timings"]["total_s"]
+        unreliable = sum(1 for c in audited if c["verdict"].get("status") == "unreliable")
+        passed = sum(1 for c in audited if c["verdict"]["passed"])
         parts = []
-        unreliable = sum(1 for c in doc["classes"]
-                         if c["verdict"].get("status") == "unreliable")
         if flagged - unreliable:
-            parts.append(f"{flagged - unreliable} class{'es' if flagged != 1 else ''} flagged")
+            parts.append(f"{flagged - unreliable} class{'es' if flagged - unreliable != 1 else ''}"
+                         " flagged")
         if unreliable:
             parts.append(f"{unreliable} unreliable")
-        parts.append(f"{passed} passed")
-        line = f"{', '.join(parts)} in {seconds:.1f}s"
+        gated = is_gated(doc)
+        # pytest says "no tests ran", not "passed", when nothing was checked.
+        parts.append(f"{passed} passed" if gated else
+                     f"no policy: {len(audited)} class{'es' if len(audited) != 1 else ''} "
+                     "audited, none gated")
+        line = f"{', '.join(parts)} in {doc['timings']['total_s']:.1f}s"
         if doc["partial"]:
             line = (f"interrupted: partial results over {doc['data']['audited']} of "
                     f"{doc['data']['selected']} examples; {line}")
-        style = "bold red" if flagged or doc["partial"] else "bold green"
-        self.console.rule(Text(line, style=style), characters="=")
+        style = "bold red" if flagged or doc["partial"] else \
+            "bold green" if gated else "bold yellow"
+        self._closing(line, style)
+
+    def _closing(self, line: str, style: str) -> None:
+        """The closing line between rules, like pytest's; a line too long for them is printed
+        alone (a rule would cut it)."""
+        if cell_len(line) + 4 <= self.console.width:
+            self.console.rule(Text(line, style=style), characters="=")
+        else:
+            self.console.print(Text(line, style=style))
 
     def render_compare(self, doc: dict[str, Any], *, reasons: bool = True) -> None:
         """Per-class deltas against a baseline (``compare.Comparison.to_dict()``).
@@ -232,54 +273,41 @@ class TerminalReporter:
         ``reasons=False`` after a scan's own report, which has already named the dropped classes.
         """
         doc = _shown_doc(doc)
-        figure = "worst case" if doc["figure"] == WORST else doc["figure"]
-        allowed = f"{doc['max_drop'] * 100:.1f} pp"
+        gated = doc.get("max_drop") is not None
         if self.verbosity >= 0:
             self.console.rule(Text("robaudit compare", style="bold"), characters="=")
-            for label, value in (
-                ("baseline", doc["baseline"]),
-                ("report", doc["report"]),
-                ("figure", f"robust accuracy ({figure}), eps {doc['eps_text']}; "
-                           f"allowed drop {allowed}"
-                           + (" (95% CI upper bound)" if doc["significance"] else "")),
-            ):
-                self.console.print(Text.assemble((f"{label:>8}: ", "dim"), value))
-            self.console.print(self._compare_table(doc))
+            self._labelled([("baseline", doc["baseline"]), ("report", doc["report"]),
+                            ("figure", compare_figure_line(doc))])
+            self._compare_table(doc)
             if doc["mean_baseline"] is not None:
                 change = (doc["mean_current"] - doc["mean_baseline"]) * 100
                 self.console.print(f"class mean {_pct(doc['mean_baseline'])} -> "
                                    f"{_pct(doc['mean_current'])} ({change:+.1f} pp)")
             if "rank_correlation" in doc:
-                self.console.print(Text(_ranking_line(doc)))
-            if reasons:
-                for c in doc["classes"]:
-                    for failure in c["failures"]:
-                        self.console.print(Text(f"DROPPED {c['name']}: {failure['message']}",
-                                                style="red"))
+                self.console.print(Text(ranking_line(doc)))
+        if reasons:
+            for c in doc["classes"]:
+                for failure in c["failures"]:
+                    self.console.print(Text(f"DROPPED {c['name']}: {failure['message']}",
+                                            style="red"))
         for warning in doc["warnings"]:
             self.warn(warning)
         dropped = len(doc["flagged"])
-        within = len(doc["classes"]) - dropped
-        parts = [f"{dropped} class{'es' if dropped != 1 else ''} dropped more than {allowed}"
-                 ] if dropped else []
-        parts.append(f"{within} within {allowed}")
-        self.console.rule(Text(", ".join(parts), style="bold red" if dropped else "bold green"),
-                          characters="=")
+        style = "bold red" if dropped else "bold green" if gated else "bold yellow"
+        self._closing(compare_closing(doc), style)
 
-    def _compare_table(self, doc: dict[str, Any]) -> Table:
-        table = Table(box=box.SIMPLE_HEAD if self.console.is_terminal else box.ASCII,
-                      show_edge=False, pad_edge=False)
-        table.add_column("class")
-        table.add_column("n", justify="right")
-        for name in ("baseline", "report", "delta"):
-            table.add_column(name, justify="right")
-        table.add_column("verdict")
-        for c in doc["classes"]:
-            flagged = not c["passed"]
-            table.add_row(Text(c["name"]), str(c["n"]), _pct(c["baseline"]), _pct(c["current"]),
-                          f"{c['delta'] * 100:+.1f} pp", "DROPPED" if flagged else "passed",
-                          style="bold red" if flagged else None)
-        return table
+    def _compare_table(self, doc: dict[str, Any]) -> None:
+        flagged = [not c["passed"] for c in doc["classes"]]
+        rows = rows_shown(len(flagged), flagged, [c["delta"] for c in doc["classes"]],
+                          self.verbosity > 0)
+        classes = [doc["classes"][i] for i in rows]
+        folded = self._draw(compare_columns(classes, doc.get("max_drop") is not None),
+                            [None if c["passed"] else "bold red" for c in classes])
+        self._notes([hidden_note(len(flagged) - len(classes),
+                                 f"not dropped, not among the {LEAST} largest drops"
+                                 if doc.get("max_drop") is not None else
+                                 f"not among the {LEAST} largest drops"),
+                     folded_note(folded, self.console.width)])
 
     @contextmanager
     def harden_progress(self) -> Iterator[Callable[[Any], None]]:
@@ -334,26 +362,17 @@ class TerminalReporter:
         if self.verbosity < 0:
             return
         attacks = [a["name"] for a in doc["after"]["attacks"]]
-        table = Table(box=box.SIMPLE_HEAD if self.console.is_terminal else box.ASCII,
-                      show_edge=False, pad_edge=False, title="before -> after (%)")
-        for column in ("class", "clean", *attacks, "worst", "change"):
-            table.add_column(column, justify="left" if column == "class" else "right")
-
-        def pair(b: float | None, a: float | None) -> str:
-            # Compact "94.4->92.6" cells keep the table inside 80 columns.
-            shown = ["-" if v is None else f"{v * 100:.1f}" for v in (b, a)]
-            return "->".join(shown)
-
-        for c in doc["classes"]:
-            if c["n"] == 0:
-                continue
-            b, a = c["before"], c["after"]
-            cells: list[str | Text] = [Text(c["name"]), pair(b["clean"], a["clean"])]
-            cells += [pair(b["robust"][n], a["robust"][n]) for n in attacks]
-            cells.append(pair(b["robust"][WORST], a["robust"][WORST]))
-            cells.append(f"{(a['robust'][WORST] - b['robust'][WORST]) * 100:+.1f} pp")
-            table.add_row(*cells, style=None if c["passed"] else "bold red")
-        self.console.print(table)
+        audited = [c for c in doc["classes"] if c["n"] > 0]
+        flagged = [not c["passed"] for c in audited]
+        rows = rows_shown(len(audited), flagged,
+                          [weakness(c["after"]["robust"][WORST]) for c in audited],
+                          self.verbosity > 0)
+        classes = [audited[i] for i in rows]
+        folded = self._draw(harden_columns(attacks, classes),
+                            [None if c["passed"] else "bold red" for c in classes],
+                            title="before -> after (%)")
+        self._notes([hidden_note(len(audited) - len(classes)),
+                     folded_note(folded, self.console.width)])
         before, after = doc["before"]["summary"], doc["after"]["summary"]
         self.console.print(Text(
             f"worst class {before['worst_class']['name']} "
@@ -389,27 +408,6 @@ class TerminalReporter:
             f"kept epoch {kept['epoch']} (highest worst-class robust accuracy within the "
             f"budget: {val['worst_class']} {_pct(val['worst_robust'])}, class mean "
             f"{_pct(val['mean_robust'])}, clean {_pct(val['clean_acc'])})"))
-
-def _ranking_line(doc: dict[str, Any]) -> str:
-    """Whether the two reports agree on the weak classes: Spearman and the biggest moves."""
-    rho = doc["rank_correlation"]
-    if rho is None:
-        return "class ranking: no rank correlation (one report has every class at one figure)"
-    line = f"class ranking: Spearman {rho:+.2f} from the baseline to the report"
-    moves = doc.get("rank_moved_most") or []
-    if moves:
-        line += "; moved most (place 1 = least robust): " + ", ".join(
-            f"{m['name']} ({_place(m['baseline'])} -> {_place(m['current'])})" for m in moves)
-    return line
-
-
-def _place(value: float) -> str:
-    return f"{value:g}"
-
-
-
-def _norm(config: dict[str, Any]) -> str:
-    return {"l2": "L2"}.get(config.get("norm", "linf"), "L-inf")
 
 
 def _status(verdict: dict[str, Any]) -> str:
