@@ -278,3 +278,23 @@ def test_strict_without_a_policy_is_a_usage_error_before_the_scan(tmp_path, caps
     assert err.splitlines() == ["error: --strict: no gate policy is set; set --min-class-robust, "
                                 "--min-ratio, --max-gap or --max-drop (or drop --strict)"]
     assert not report.exists()
+
+
+def test_harden_in_a_ci_log_prints_a_line_per_stage_and_epoch(capsys):
+    from robaudit.harden.run import HardenProgress
+    from robaudit.reports.terminal import TerminalReporter
+
+    events = [HardenProgress("scanning the model as given"),
+              HardenProgress("training", 1, 2, 1, 40, 0.9),
+              HardenProgress("training", 1, 2, 40, 40, 0.7),
+              HardenProgress("validating", 1, 2, loss=0.7),
+              HardenProgress("trained", 1, 2, loss=0.7, worst_class="8", worst_robust=0.25)]
+    for verbosity, lines in ((0, 3), (1, 5), (-1, 0)):
+        with TerminalReporter(verbosity).harden_progress() as progress:
+            for event in events:
+                progress(event)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == lines, err
+        if verbosity == 0:
+            assert err[-1] == "robaudit: trained epoch 1/2 loss 0.700 worst class 8 25.0%"
+            assert not any("batch" in line for line in err)

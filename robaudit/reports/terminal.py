@@ -312,9 +312,10 @@ class TerminalReporter:
     @contextmanager
     def harden_progress(self) -> Iterator[Callable[[Any], None]]:
         """A callback for ``harden(progress=...)``: a bar of the epoch's batches with the loss
-        and the worst class on a TTY; off a TTY with -v, a line per stage and epoch."""
+        and the worst class on a TTY; off a TTY (a CI log) a line per stage and per epoch, with
+        -v a line per batch too, with -q none: a run of many minutes never goes silent."""
         if not self.interactive:
-            yield self._log_harden if self.verbosity > 0 else (lambda _event: None)
+            yield self._log_harden if self.verbosity >= 0 else (lambda _event: None)
             return
         columns = (TextColumn("{task.description}", markup=False), BarColumn(),
                    MofNCompleteColumn(), TimeRemainingColumn())
@@ -341,6 +342,8 @@ class TerminalReporter:
             yield update
 
     def _log_harden(self, event: Any) -> None:
+        if event.batches and self.verbosity <= 0:  # a training batch: only with -v
+            return
         parts = [f"robaudit: {event.stage}"]
         if event.epochs:
             parts.append(f"epoch {event.epoch}/{event.epochs}")
