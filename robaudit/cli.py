@@ -17,7 +17,8 @@ from typing import Any, NoReturn
 import click
 
 from robaudit import __version__, signals
-from robaudit.choices import MODES, NORMS, SCHEDULES
+from robaudit.choices import MODES, NORMS, PRESETS, SCHEDULES
+from robaudit.config import default_text
 from robaudit.errors import ExitCode, RobauditError
 
 ISSUES_URL = "https://github.com/robaudit/robaudit/issues"
@@ -79,25 +80,8 @@ def _setting(*decls: str, scan_only: bool = False, default_of: str | None = None
     """A scan option. ``default_of`` names the ScanConfig field whose default the help shows
     (read from the dataclass, so the help cannot drift from it); ``note`` says more about it."""
     if default_of is not None:
-        attrs["help"] += f"  [default: {_default_text(default_of)}{note}]"
+        attrs["help"] += f"  [default: {default_text(default_of)}{note}]"
     return scan_only, click.option(*decls, **attrs)
-
-
-def _default_text(name: str) -> str:
-    """A ScanConfig field's default, written as on the command line."""
-    from dataclasses import fields
-
-    from robaudit.config import ScanConfig
-    from robaudit.values import format_eps
-
-    value = next(f.default for f in fields(ScanConfig) if f.name == name)
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if name == "eps":
-        return format_eps(value)
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value) or "none"
-    return str(value)
 
 
 #: The scan settings on the command line, declared once, in --help order: each goes to
@@ -129,10 +113,11 @@ SETTINGS = [
     _setting("--runtime-check/--no-runtime-check", default=None,
              help="Check an ONNX model's conversion and adversarial examples against "
              "onnxruntime.", default_of="runtime_check"),
-    _setting("--attacks", help="A preset (fast: pgd,tpgd, then the --finish; standard: "
-             "AutoAttack's apgd-ce, apgd-t, square, each on the previous ones' survivors) or "
-             "comma-separated names: fgsm, pgd, tpgd, cw, dlr, dlr-t, ce-t, apgd-ce, apgd-t, "
-             "square (harden: of the before/after scans).", default_of="attacks"),
+    _setting("--attacks", help="A preset (" + "; ".join(
+             f"{name}: {','.join(attacks)}" for name, attacks in PRESETS.items()) + ", "
+             "AutoAttack's way: each on the previous ones' survivors, no finish) or "
+             "comma-separated attack names, listed by `robaudit attacks` (harden: of the "
+             "before/after scans).", default_of="attacks"),
     _setting("--norm", type=click.Choice(NORMS),
              help="Threat model: the L-inf or the L2 ball of radius --eps, in pixel units.",
              default_of="norm"),
@@ -301,6 +286,16 @@ def report(report: Path, junit: str | None, html: str | None, verbose: int, quie
         write_html(html, doc)
     TerminalReporter(_verbosity(verbose, quiet)).render(doc)
     return int(doc["verdict"]["exit_code"])
+
+
+@cli.command(context_settings=CONTEXT)
+def attacks() -> int:
+    """List the attacks --attacks and --finish take, with what each one is."""
+    from robaudit.attacks import catalogue
+
+    for line in catalogue():
+        click.echo(line)
+    return ExitCode.OK
 
 
 @cli.command(context_settings=CONTEXT)

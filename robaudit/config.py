@@ -273,6 +273,18 @@ def validate(config: ScanConfig) -> None:
           f"got {config.arch!r}")
 
 
+def default_text(name: str) -> str:
+    """A ScanConfig field's default, written as on the command line (for ``--help``)."""
+    value = next(f.default for f in fields(ScanConfig) if f.name == name)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if name == "eps":
+        return format_eps(value)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
+
+
 def attack_stage(config: ScanConfig, name: str) -> str:
     """Where attack ``name`` runs in a scan: ``scan``, ``finish`` or ``escalation``."""
     return ("scan" if name in config.attacks else "finish" if name in config.finish

@@ -216,3 +216,16 @@ def test_help_shows_the_configs_own_defaults_and_choices():
     assert "[default: 8/255]" in text and defaults["eps"] == 8 / 255
     for choices in (NORMS, SCHEDULES, MODES):
         assert "[" + "|".join(choices) + "]" in text
+
+
+def test_robaudit_attacks_lists_the_registry_with_traits(capsys):
+    from robaudit.attacks import ATTACKS
+    from robaudit.choices import PRESETS
+
+    assert main(["attacks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [*ATTACKS, *PRESETS]
+    by_name = {line.split()[0]: line for line in lines}
+    assert by_name["square"].endswith("[queries only]")
+    assert by_name["dlr-t"].endswith("[gradient, scale-invariant, targeted]")
+    assert by_name["fgsm"].endswith("[gradient, one step]")

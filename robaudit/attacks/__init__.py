@@ -24,7 +24,8 @@ from robaudit.choices import NORMS, PRESETS
 from robaudit.errors import ConfigError
 
 __all__ = ["ATTACKS", "NORMS", "PGD", "PRESETS", "Attack", "AttackOutcome", "AttackSettings",
-           "Square", "build_attack", "build_attacks", "example_seed", "one_step_pairs", "prototype"]
+           "Square", "build_attack", "build_attacks", "catalogue", "example_seed", "one_step_pairs",
+           "prototype"]
 
 #: AutoAttack's reference budgets (Croce and Hein 2020): APGD's iterations, APGD-T's target
 #: classes, Square's queries.
@@ -140,3 +141,17 @@ def one_step_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
     iterative = [a for a, k in kinds.items()
                  if k.uses_gradient and not k.single_step and not k.targeted]
     return [(one, many) for one, k in kinds.items() if k.single_step for many in iterative]
+
+
+def catalogue() -> list[str]:
+    """A line per attack (its name, description and traits) and per preset: ``robaudit
+    attacks``."""
+    lines = []
+    for name, (_factory, description) in ATTACKS.items():
+        kind = prototype(name)
+        traits = ["gradient" if kind.uses_gradient else "queries only"]
+        traits += [t for t, on in (("scale-invariant", kind.scale_invariant),
+                                   ("targeted", kind.targeted), ("one step", kind.single_step))
+                   if on]
+        lines.append(f"{name:8} {description} [{', '.join(traits)}]")
+    return lines + [f"{name:8} preset: {', '.join(names)}" for name, names in PRESETS.items()]
