@@ -224,8 +224,6 @@ class Audit:
     def _failure_text(self, verdicts: list[Verdict]) -> str:
         result = self.result
         config = result.config
-        from robaudit.config import format_eps
-
         failed = [v for v in verdicts if not v.passed]
         stats = {s.index: s for s in result.stats}
         figure = "worst case over " + ",".join(result.attack_names) \
@@ -242,7 +240,7 @@ class Audit:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [
             f"robaudit: {len(failed)} of {len(present)} classes failed the robustness policy "
-            f"({figure}; eps {format_eps(config.eps)}; {result.data['audited']} examples)",
+            f"({figure}; eps {config.eps_text()}; {result.data['audited']} examples)",
         ]
         for i, row in enumerate(rows):
             cells = [c.ljust(w) if j in (0, 4) else c.rjust(w)
