@@ -77,7 +77,7 @@ def test_out_of_gpu_memory_is_a_usage_error(monkeypatch: pytest.MonkeyPatch,
     code = main(["scan", str(MODEL), "--data", str(DATA), "--per-class", "2", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == ExitCode.USAGE_ERROR, err
-    assert "out of memory" in err and "lower --batch-size" in err and "Traceback" not in err
+    assert "out of memory" in err and "smaller --batch-size" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------
