@@ -1,0 +1,126 @@
+"""The sequential gate: the confidence sequence on simulated populations (known answers, no
+model), then the scan's sequential mode through the real CLI on the bundled example."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from robaudit.sequential import (
+    ABOVE,
+    BELOW,
+    confidence_sequence,
+    decide,
+    needed,
+    round_order,
+)
+
+
+def _population(size: int, robust: int, rng: np.random.Generator) -> np.ndarray:
+    pop = np.zeros(size, dtype=bool)
+    pop[:robust] = True
+    rng.shuffle(pop)
+    return pop
+
+
+def _bounds(size: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """low[n, k] and high[n, k] for every sample: each trial is then a look-up."""
+    low = np.zeros((size + 1, size + 1), dtype=np.int64)
+    high = np.zeros_like(low)
+    for n in range(size + 1):
+        for k in range(n + 1):
+            low[n, k], high[n, k], estimate = confidence_sequence(k, n, size, alpha)
+            assert low[n, k] <= estimate <= high[n, k]
+    return low, high
+
+
+def _first_exit(low: np.ndarray, high: np.ndarray, seen: np.ndarray, lo: int, hi: int) -> int:
+    """The first n (1-based) at which [low, high] leaves [lo, hi], or 0 if it never does."""
+    steps = np.arange(1, len(seen) + 1)
+    out = (low[steps, seen] > lo) | (high[steps, seen] < hi)
+    return int(steps[out][0]) if out.any() else 0
+
+
+def test_needed_counts_as_the_gate_judges() -> None:
+    # 15 of 50 is exactly 30%: the gate passes it, so 15 suffice; 0.3 * 50 in floats is 15.0...
+    assert needed(0.3, 50) == 15
+    assert needed(0.31, 50) == 16
+    assert needed(0.0, 50) == 0
+    assert needed(1.0, 7) == 7
+
+
+def test_the_whole_population_seen_is_exact_and_nothing_seen_is_everything() -> None:
+    assert confidence_sequence(13, 40, 40, 0.01) == (13, 13, 13)
+    low, high, _ = confidence_sequence(0, 0, 40, 0.01)
+    assert (low, high) == (0, 40)
+
+
+def test_an_all_robust_sample_is_decided_when_the_theory_says() -> None:
+    # With the uniform prior and n robust of n, the mixture's likelihood is 1/(n+1), so a count
+    # K is excluded once C(K,n)/C(C,n) <= alpha/(n+1): the floor 0.3 of 100 (K <= 29 fails)
+    # falls at the first n where C(29,n)/C(100,n)*(n+1) <= 0.01.
+    theory = next(n for n in range(1, 100)
+                  if math.comb(29, n) / math.comb(100, n) * (n + 1) <= 0.01)
+    assert theory == 5
+    first = next(n for n in range(1, 100)
+                 if decide(n, n, 100, needed(0.3, 100), 0.01).status == ABOVE)
+    assert first == theory
+
+
+def test_the_sequence_covers_the_truth_at_every_step_often_enough() -> None:
+    # Anytime validity: the share of runs whose set ever misses the true count stays under
+    # alpha (0.1 here, so that misses happen and the bound is tested, not only met).
+    rng = np.random.default_rng(1)
+    size, truth, alpha, trials = 40, 17, 0.1, 300
+    low, high = _bounds(size, alpha)
+    misses = sum(_first_exit(low, high, np.cumsum(_population(size, truth, rng)), truth, truth) > 0
+                 for _ in range(trials))
+    assert misses <= alpha * trials
+    assert misses > 0  # the bound is not vacuous: some runs do stray
+
+
+@pytest.mark.parametrize(("robust", "wrong"), [(15, BELOW), (14, ABOVE)])
+def test_a_class_at_its_floor_is_decided_wrongly_no_more_than_allowed(robust: int,
+                                                                      wrong: str) -> None:
+    # 50 clean-correct examples of 50, floor 0.3: 15 robust passes exactly at the floor, 14
+    # fails by one example; deciding after every example is the hardest case for the bound.
+    rng = np.random.default_rng(2)
+    alpha, trials, need = 0.05, 1000, needed(0.3, 50)
+    low, high = _bounds(50, alpha)
+    errors = 0
+    for _ in range(trials):
+        seen = np.cumsum(_population(50, robust, rng))
+        n = _first_exit(low, high, seen, need - 1, need)  # decided: low >= need or high < need
+        status = None if n == 0 else decide(int(seen[n - 1]), n, 50, need, alpha).status
+        errors += status == wrong
+    assert errors <= alpha * trials
+
+
+def test_a_class_far_from_its_floor_is_decided_within_the_predicted_examples() -> None:
+    # Robust 90% against a floor of 30%: the set drops K/C = 0.3 once n*KL(0.9||0.3) exceeds
+    # log((C+1)/alpha) (the uniform prior's mixture loses at most log(C+1)).
+    rng = np.random.default_rng(3)
+    size, alpha, p, q = 200, 0.01, 0.9, 0.3
+    kl = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    bound = math.log((size + 1) / alpha) / kl
+    assert 12 < bound < 13
+    stops = []
+    for _ in range(60):
+        seen = np.cumsum(_population(size, 180, rng))
+        stops.append(next(n for n in range(1, size + 1)
+                          if decide(int(seen[n - 1]), n, size, needed(q, size), alpha).status))
+    assert np.median(stops) <= bound
+    assert min(stops) >= 4  # 4 robust of 4 cannot yet exclude 30%: (0.3^4)*5 > 0.01
+
+
+def test_round_order_depends_only_on_the_seed_and_the_indices() -> None:
+    order = round_order(np.arange(100), seed=7)
+    assert sorted(order.tolist()) == list(range(100))
+    assert order.tolist() != list(range(100))
+    # The relative order of a subset is the same as in the whole: no dependence on which
+    # other examples (another rank's, another batch's) are there.
+    evens = round_order(np.arange(0, 100, 2), seed=7)
+    assert evens.tolist() == [i for i in order.tolist() if i % 2 == 0]
+    assert round_order(np.arange(100), seed=8).tolist() != order.tolist()
