@@ -24,8 +24,11 @@ from scipy.stats import betabinom, hypergeom
 
 #: The beta-binomial prior's (a, b): uniform over the count of robust examples.
 PRIOR = (1.0, 1.0)
-#: Examples of each undecided class attacked per round; measured in benchmarks/RESULTS.md.
+#: Examples of each class attacked in the first round; each later round takes an undecided
+#: class's count so far times GROWTH. Fewer, larger rounds keep working batches full for a few
+#: more examples than a look after every 8 (measured in benchmarks/RESULTS.md).
 ROUND = 8
+GROWTH = 1.5
 #: The gate's tolerance on ratios of counts (gate._TOL), so a count decides as the gate does.
 _TOL = 1e-9
 
@@ -81,6 +84,12 @@ def decide(robust: int, attacked: int, population: int, need: int | None, alpha:
     elif need is not None and high < need:
         status = BELOW
     return Decision(status, low, high, estimate)
+
+
+def checkpoint(attacked: int, population: int) -> int:
+    """How many of a class's ``population`` examples are attacked after its next round."""
+    step = ROUND if attacked == 0 else max(attacked + 1, int(attacked * GROWTH))
+    return min(population, step)
 
 
 def round_order(indices: np.ndarray, seed: int) -> np.ndarray:
