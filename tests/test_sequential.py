@@ -4,10 +4,16 @@ model), then the scan's sequential mode through the real CLI on the bundled exam
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from conftest import DIGITS
 
+from robaudit.cli import main
+from robaudit.errors import ExitCode
+from robaudit.reports.schema import read_json
 from robaudit.sequential import (
     ABOVE,
     BELOW,
@@ -124,3 +130,70 @@ def test_round_order_depends_only_on_the_seed_and_the_indices() -> None:
     evens = round_order(np.arange(0, 100, 2), seed=7)
     assert evens.tolist() == [i for i in order.tolist() if i % 2 == 0]
     assert round_order(np.arange(100), seed=8).tolist() != order.tolist()
+
+
+# --- the scan's sequential mode, through the real CLI on the bundled digits example ----------
+
+SMALL = ("--device", "cpu", "--eps", "0.2", "--attacks", "pgd", "--finish", "none", "--steps",
+         "3", "--per-class", "30", "--min-class-robust", "0.5", "-q")
+
+
+def _scan(tmp_path: Path, name: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    out = tmp_path / f"{name}.json"
+    code = main(["scan", str(DIGITS / "model.pt2"), "--data", str(DIGITS / "test.npz"), *SMALL,
+                 *extra, "--json", str(out)])
+    return code, read_json(out)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, dict[str, Any]]]:
+    tmp = tmp_path_factory.mktemp("sequential")
+    return {"full": _scan(tmp, "full"), "sequential": _scan(tmp, "seq", "--sequential"),
+            "batch": _scan(tmp, "batch", "--sequential", "--batch-size", "7")}
+
+
+def test_a_sequential_scan_gives_the_full_scans_verdicts_attacking_fewer(scans: Any) -> None:
+    (full_code, full), (code, seq) = scans["full"], scans["sequential"]
+    assert code == full_code == ExitCode.FLAGGED
+    assert seq["verdict"]["flagged"] == full["verdict"]["flagged"] == ["8", "9"]
+    assert seq["sequential"]["of"] == sum(c["clean"]["correct"] for c in full["classes"]) == 293
+    assert seq["sequential"]["attacked"] == 166  # the same seed attacks the same examples
+    for c in seq["classes"]:
+        s = c["sequential"]
+        low, high = s["interval"]
+        assert low <= c["robust"]["worst"]["acc"] <= high
+        if s["decided"] == "above":
+            assert low >= 0.5 and c["verdict"]["passed"]
+        elif s["decided"] == "below":
+            assert high < 0.5 and not c["verdict"]["passed"]
+        if s["attacked"] < s["of"]:
+            assert s["decided"] is not None and not s["exhausted"]
+        else:  # examples ran out: judged on the full figure, as the full scan judges it
+            full_class = full["classes"][c["index"]]
+            assert c["robust"]["worst"] == full_class["robust"]["worst"]
+
+
+def test_a_sequential_scan_does_not_depend_on_the_batch_size(scans: Any) -> None:
+    (_, seq), (_, batch) = scans["sequential"], scans["batch"]
+    assert batch["sequential"] == seq["sequential"]
+    assert [c["sequential"] for c in batch["classes"]] == [c["sequential"] for c in seq["classes"]]
+    assert [c["robust"] for c in batch["classes"]] == [c["robust"] for c in seq["classes"]]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--max-gap", "0.3"), "error: --sequential decides each class against its own floor; "
+     "--max-gap depends on every class's figure: use --min-class-robust or --max-drop, or "
+     "drop --sequential"),
+    (("--min-ratio", "0.5"), "--min-ratio depends on every class's figure"),
+    (("--confidence", "1"), "error: confidence must be at least 0.5 and below 1, got 1"),
+    (("--eps", "0.1,0.2"), "error: --sequential judges one eps; a sweep needs every example"),
+])
+def test_what_a_sequential_scan_cannot_decide_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...],
+        message: str) -> None:
+    code = main(["scan", str(DIGITS / "model.pt2"), "--data", str(DIGITS / "test.npz"), *SMALL,
+                 "--sequential", *extra, "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == ExitCode.USAGE_ERROR
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
