@@ -3,10 +3,10 @@ sequence decided, and the figures of a class decided from some of its examples.
 
 The clean pass runs on every selected example; a clean-incorrect example is non-robust for free.
 Each class's clean-correct examples are attacked in a seeded order, in rounds of growing size
-(:func:`robaudit.sequential.checkpoint`); after each round every undecided class asks its confidence sequence
-(:mod:`robaudit.sequential`) whether its count of robust examples lies on one side of the count
-its threshold needs. Every class gets the first round, so every class has figures and the signs
-of masking are looked for in all of them.
+(:func:`robaudit.sequential.checkpoint`); after each round every undecided class asks its
+confidence sequence whether its count of robust examples lies on one side of the count its
+threshold needs. Every class gets the first round, so every class has figures and the signs of
+masking are looked for in all of them.
 """
 
 from __future__ import annotations
