@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import torch
 
-from robaudit import distributed
+from robaudit import distributed, rounds
 from robaudit.attacks import Attack, build_attack, build_attacks, prototype
 from robaudit.attacks.memory import memory_errors, plan_batch
 from robaudit.attacks.stream import EnginePool, ExampleResult, combine_parts, stream_audit
@@ -26,9 +26,8 @@ from robaudit.config import (
     attack_settings,
     attack_stage,
     describe_attacks,
-    format_eps,
 )
-from robaudit.data import DataSource, fit_to_model, iter_batches, load_data, select_indices
+from robaudit.data import DataSource, fit_to_model, iter_batches, load_data, select_classes
 from robaudit.errors import ConfigError, NothingToAudit, UsageError
 from robaudit.gallery import make_gallery
 from robaudit.masking import (
@@ -38,7 +37,7 @@ from robaudit.masking import (
     survivors,
     unreliable_classes,
 )
-from robaudit.metrics import Records, class_stats, confusion, summarize
+from robaudit.metrics import Records, class_stats, confusion, summarize, sweep_figures
 from robaudit.models import (
     LoadedModel,
     input_channels,
@@ -124,7 +123,8 @@ def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
         class_names_file=config.class_names, image_size=config.image_size,
         channels=config.channels,
     )
-    indices = _select(source, config)
+    indices = select_classes(np.asarray(source.targets), source.class_names, config.classes,
+                             per_class=config.per_class, limit=config.limit, seed=config.seed)
     if baseline is not None:
         audited = sorted(set(np.asarray(source.targets)[indices].tolist()))
         check_comparable(baseline, eps=config.eps, attacks=(*config.attacks, *config.finish),
@@ -167,6 +167,8 @@ class _Run:
     failure: Exception | None = None
     escalation: Escalation = field(default_factory=Escalation)
     seconds: float = 0.0
+    #: A sequential scan's rounds and decisions (None for a full scan).
+    plan: rounds.Plan | None = None
 
     @property
     def audited(self) -> bool:
@@ -182,9 +184,7 @@ def _attack(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], No
     module.eval()  # the one place: the stages attack the model in eval mode, restored after
     try:
         run = _new_run(config, loaded, report)
-        for stage in STAGES:
-            if stage is _share or not (run.partial or run.failure):
-                _run_stage(run, stage)
+        (_sequential if config.sequential else _run_stages)(run)
     finally:
         module.train(was_training)
     if run.failure is not None:
@@ -203,6 +203,48 @@ def _new_run(config: ScanConfig, loaded: _Loaded, report: Callable[[Progress], N
     return _Run(config, loaded, report, EnginePool(module, size, amp=config.amp),
                 [Records(attack_names=list(config.attacks)) for _ in loaded.eps_list],
                 warnings=[note] if note else [])
+
+
+def _run_stages(run: _Run, stages: Sequence[Callable[[_Run], None]] | None = None) -> None:
+    for stage in STAGES if stages is None else stages:
+        if stage is _share or not (run.partial or run.failure):
+            _run_stage(run, stage)
+
+
+def _sequential(run: _Run) -> None:
+    """The clean pass on every example, then rounds of the stages on each undecided class's
+    next examples (robaudit/rounds.py); the figures and escalation's findings of all rounds."""
+    config, loaded = run.config, run.loaded
+    names = loaded.source.class_names
+    clean = _part(run, loaded.indices, attack=False)
+    if clean is None:
+        return
+    baseline = loaded.baseline.robust.get(config.gate_on) if loaded.baseline else None
+    run.plan = rounds.plan(clean, names, config.gate_policy(), baseline, config.confidence,
+                           config.seed)
+    order = [*config.attacks, *config.finish, *ESCALATION]
+    run.records = [rounds.drive(run.plan, lambda chosen: _part(run, chosen), order)]
+    if run.audited:
+        gate = run.records[0]
+        signs = class_signs(gate, names, [item["check"] for item in run.sanity], mode=config.mode)
+        run.escalation = replace(run.escalation, signs=signs, unreliable=unreliable_classes(
+            gate, names, signs, config.escalate))
+
+
+def _part(run: _Run, indices: np.ndarray, attack: bool = True) -> Records | None:
+    """The stages on ``indices`` alone (the clean pass only unless ``attack``), as a run of its
+    own on the same engines; its records, None if it was interrupted or failed."""
+    sets = run.loaded.attack_sets if attack else [[] for _ in run.loaded.eps_list]
+    part = _Run(run.config, replace(run.loaded, indices=indices, attack_sets=sets), run.report,
+                run.pool, [Records(attack_names=list(run.config.attacks) if attack else [])])
+    _run_stages(part, None if attack else (_stream, _share))
+    run.warnings += [w for w in part.warnings if w not in run.warnings]
+    run.sanity += [item for item in part.sanity if item not in run.sanity]
+    run.runtime_diff = max((d for d in (run.runtime_diff, part.runtime_diff) if d is not None),
+                           default=None)
+    run.escalation = rounds.joined(run.escalation, part.escalation)
+    run.partial, run.failure = part.partial, part.failure
+    return None if part.partial or part.failure else part.records[0]
 
 
 def _run_stage(run: _Run, stage: Callable[[_Run], None]) -> None:
@@ -366,10 +408,13 @@ def _judge(run: _Run, started: float) -> ScanResult:
     names = loaded.source.class_names
     stats = class_stats(main, names)
     summary = summarize(main, stats)
+    if run.plan is not None:  # figures over every example, a class decided early estimated
+        stats = run.plan.scale(stats)
+        summary = run.plan.summary(summary, stats)
     baseline = loaded.baseline
     judgement = judgement_of(stats, config.gate_policy(), main.attack_names, baseline,
                            run.escalation, config.allow_unreliable)
-    sweep = _sweep(run.records, loaded.eps_list, names, config.eps_text)
+    sweep = sweep_figures(run.records, loaded.eps_list, names, config.eps_text)
     sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
     warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
     warnings += run.escalation.warnings() + loaded.source.warnings
@@ -404,6 +449,7 @@ def _judge(run: _Run, started: float) -> ScanResult:
         baseline=baseline,
         attacks=describe_attacks(config, attacks, len(names)),
         escalation=run.escalation,
+        sequential=None if run.plan is None else run.plan.to_dict(config.confidence),
         exit_code=code,
         problem=problem,
     )
@@ -441,49 +487,3 @@ def _read_baseline(path: str) -> Figures:
         return read_figures(path)
     except UsageError as e:
         raise UsageError(f"--baseline: {e}") from None
-
-
-def _select(source: DataSource, config: ScanConfig) -> np.ndarray:
-    targets = np.asarray(source.targets)
-    if config.classes:
-        unknown = [c for c in config.classes if c not in source.class_names]
-        if unknown:
-            raise ConfigError(
-                f"--classes names {', '.join(unknown)}, which the data set does not have; "
-                f"its classes are: {', '.join(source.class_names[:20])}"
-            )
-        wanted = [source.class_names.index(c) for c in config.classes]
-        keep = np.flatnonzero(np.isin(targets, wanted))
-        if keep.size == 0:
-            raise NothingToAudit(
-                f"nothing to audit: the data set has no examples of {', '.join(config.classes)}"
-            )
-        chosen = select_indices(targets[keep], per_class=config.per_class,
-                                limit=config.limit, seed=config.seed)
-        return keep[chosen]
-    return select_indices(targets, per_class=config.per_class, limit=config.limit,
-                          seed=config.seed)
-
-
-def _sweep(records: list[Records], eps_list: list[float], class_names: list[str],
-           eps_text: Callable[[float], str] = format_eps) -> list[dict[str, Any]]:
-    """Per-class robust accuracy at each ε of a sweep (robustness-vs-ε curves); none for one ε."""
-    if len(records) < 2:
-        return []
-    entries = []
-    for eps, rec in zip(eps_list, records, strict=True):
-        if len(rec) == 0:
-            continue
-        stats = class_stats(rec, class_names)
-        summary = summarize(rec, stats)
-        entries.append({
-            "eps": eps,
-            "eps_text": eps_text(eps),
-            "robust_acc": summary.robust_acc,
-            "mean_class_robust": summary.mean_class_robust,
-            "classes": [{"name": s.name, "n": s.n,
-                         "robust": {a: r.acc for a, r in s.robust.items()},
-                         "ci95": {a: [r.low, r.high] for a, r in s.robust.items()}}
-                        for s in stats],
-        })
-    return entries

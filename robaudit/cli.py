@@ -180,6 +180,11 @@ SETTINGS = [
              "robust accuracy dropped more than --max-drop below it."),
     _setting("--max-drop", scan_only=True,
              help="Largest allowed drop per class against --baseline, e.g. 0.03."),
+    _setting("--sequential/--no-sequential", scan_only=True, default=None,
+             help="Attack in seeded rounds and stop each class once a confidence sequence "
+             "decides its verdict (--min-class-robust, --max-drop).", default_of="sequential"),
+    _setting("--confidence", scan_only=True, help="How sure --sequential is that "
+             "each class's verdict is the full scan's.", default_of="confidence"),
     _setting("--json", scan_only=True, help="Write the JSON report here."),
     _setting("--json-images/--no-json-images", scan_only=True, default=None,
              help="Keep the gallery's adversarial images in the JSON report."),

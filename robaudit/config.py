@@ -120,6 +120,10 @@ class ScanConfig:
     baseline: str | None = None
     #: Largest allowed drop of a class's robust accuracy below the baseline's.
     max_drop: float | None = None
+    #: Attack in seeded rounds; stop a class once its confidence sequence decides its verdict.
+    sequential: bool = False
+    #: How sure a sequential scan is that each class's verdict is the full scan's.
+    confidence: float = 0.99
     # Reports
     json: str | None = None
     #: Keep the gallery's images in the JSON report too (they are always in the HTML).
@@ -261,6 +265,7 @@ def validate(config: ScanConfig) -> None:
           "--max-drop (or drop --strict)")
     check("min_ratio", config.min_ratio is None or 0 < config.min_ratio <= 1,
           f"min_ratio must be in (0, 1], got {config.min_ratio}")
+    _check_sequential(config, check)
     check("device", bool(DEVICES.match(config.device)),
           f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     _check_attacks(config, check)
@@ -283,6 +288,20 @@ def default_text(name: str) -> str:
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value) or "none"
     return str(value)
+
+
+def _check_sequential(config: ScanConfig, check: Callable[[str, bool, str], None]) -> None:
+    check("confidence", 0.5 <= config.confidence < 1,
+          f"confidence must be at least 0.5 and below 1, got {config.confidence:g}")
+    # Both compare a class with the others, whose figures a sequential scan only bounds.
+    for key in ("min_ratio", "max_gap"):
+        check(key, not config.sequential or getattr(config, key) is None,
+              f"--sequential decides each class against its own floor; --{key.replace('_', '-')} "
+              "depends on every class's figure: use --min-class-robust or --max-drop, or drop "
+              "--sequential")
+    check("sequential", not config.sequential or not config.eps_sweep,
+          "--sequential judges one eps; a sweep needs every example at every eps: give one "
+          "--eps or drop --sequential")
 
 
 def attack_stage(config: ScanConfig, name: str) -> str:

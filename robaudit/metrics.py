@@ -7,7 +7,7 @@ of several (after their counts are summed), and of a partial run.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -359,3 +359,27 @@ def _gain_split(attacks: Sequence[str], stats: Sequence[ClassStats]) -> GainSpli
 def _mean(values: np.ndarray | float) -> float:
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()) if arr.size else float("nan")
+
+
+def sweep_figures(records: list[Records], eps_list: list[float], class_names: list[str],
+                  eps_text: Callable[[float], str]) -> list[dict[str, Any]]:
+    """Per-class robust accuracy at each ε of a sweep (robustness-vs-ε curves); none for one ε."""
+    if len(records) < 2:
+        return []
+    entries = []
+    for eps, rec in zip(eps_list, records, strict=True):
+        if len(rec) == 0:
+            continue
+        stats = class_stats(rec, class_names)
+        summary = summarize(rec, stats)
+        entries.append({
+            "eps": eps,
+            "eps_text": eps_text(eps),
+            "robust_acc": summary.robust_acc,
+            "mean_class_robust": summary.mean_class_robust,
+            "classes": [{"name": s.name, "n": s.n,
+                         "robust": {a: r.acc for a, r in s.robust.items()},
+                         "ci95": {a: [r.low, r.high] for a, r in s.robust.items()}}
+                        for s in stats],
+        })
+    return entries

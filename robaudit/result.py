@@ -46,6 +46,8 @@ class ScanResult:
     attacks: list[dict[str, Any]] = field(default_factory=list)
     #: What the masking checks saw, where escalation ran, and which classes stay unreliable.
     escalation: Escalation = field(default_factory=Escalation)
+    #: A sequential scan's rounds and each class's decision (see robaudit/rounds.py).
+    sequential: dict[str, Any] | None = None
     #: What the scan's command exits with: decided once, with the verdicts.
     exit_code: ExitCode = ExitCode.OK
     #: Why ``exit_code`` is a usage error although the scan ran (``--strict``), else None.

@@ -253,14 +253,15 @@ class _Stream:
             clean = model(x).float()
         correct = (predict(clean) == y).tolist()
         done = []
+        firsts = [(e, 0) for e, attacks in enumerate(self.attack_sets) if attacks] \
+            if self.worst_case else [(e, k) for e, attacks in enumerate(self.attack_sets)
+                                     for k in range(len(attacks))]
         for i, index in enumerate(idx.tolist()):
             example = ExampleResult(index, x[i], int(y[i]), clean[i], {})
-            if not correct[i]:
+            if not correct[i] or not firsts:  # no attack to run (a clean pass alone)
                 example.outcomes = {(e, n): None for e, ns in enumerate(self.names) for n in ns}
                 done.append(example)
                 continue
-            firsts = [(e, 0) for e in range(len(self.attack_sets))] if self.worst_case else [
-                (e, k) for e, attacks in enumerate(self.attack_sets) for k in range(len(attacks))]
             example.waiting = len(firsts)
             self.in_flight[index] = example
             for e, k in firsts:

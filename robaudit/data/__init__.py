@@ -11,7 +11,7 @@ from __future__ import annotations
 from robaudit.data.batches import iter_batches
 from robaudit.data.load import fit_to_model, load_data
 from robaudit.data.named import TORCHVISION_NAMES
-from robaudit.data.sampling import select_indices
+from robaudit.data.sampling import select_classes, select_indices
 from robaudit.data.source import DataSource, read_class_names
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "iter_batches",
     "load_data",
     "read_class_names",
+    "select_classes",
     "select_indices",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from robaudit.errors import ConfigError, NothingToAudit
@@ -55,3 +57,23 @@ def select_indices(
         flag = "--per-class 0" if per_class == 0 else "--limit 0"
         raise NothingToAudit(f"nothing to audit: {flag} selects no examples")
     return np.sort(picked).astype(np.int64)
+
+
+def select_classes(targets: np.ndarray, class_names: Sequence[str], classes: Sequence[str], *,
+                   per_class: int | None, limit: int | None, seed: int) -> np.ndarray:
+    """:func:`select_indices` among the examples of ``classes`` (every class when empty)."""
+    if not classes:
+        return select_indices(targets, per_class=per_class, limit=limit, seed=seed)
+    unknown = [c for c in classes if c not in class_names]
+    if unknown:
+        raise ConfigError(
+            f"--classes names {', '.join(unknown)}, which the data set does not have; "
+            f"its classes are: {', '.join(class_names[:20])}"
+        )
+    wanted = [class_names.index(c) for c in classes]
+    keep = np.flatnonzero(np.isin(targets, wanted))
+    if keep.size == 0:
+        raise NothingToAudit(
+            f"nothing to audit: the data set has no examples of {', '.join(classes)}"
+        )
+    return keep[select_indices(targets[keep], per_class=per_class, limit=limit, seed=seed)]

@@ -132,6 +132,7 @@ def build_view(doc: dict[str, Any]) -> dict[str, Any]:
         "gains": gains(doc, present),
         "gallery": _gallery(doc, weakest_first),
         "baseline": baseline_view(doc, on),
+        "sequential": _sequential(doc, weakest_first),
     }
 
 
@@ -169,6 +170,28 @@ def _policy(gate: dict[str, Any]) -> list[str]:
         return ["no policy set: no class can be flagged"]
     if gate.get("significance"):
         lines.append("flagged only when the whole 95% interval fails")
+    return lines
+
+
+def _sequential(doc: dict[str, Any], weakest_first: list[dict[str, Any]]) -> list[str]:
+    """A sequential scan in words: what it attacked, each class decided early, and how the
+    weakest classes' intervals narrowed round by round."""
+    s = doc.get("sequential")
+    if not s:
+        return []
+    lines = [f"{s['attacked']} of {s['of']} clean-correct examples attacked in {s['rounds']} "
+             f"rounds, {s['confidence']:.0%} confidence"]
+    by_name = {c["name"]: c.get("sequential") for c in doc["classes"]}
+    for c in doc["classes"]:
+        mine = by_name[c["name"]]
+        if mine and mine["decided"] and not mine["exhausted"]:
+            lines.append(f"class {c['name']}: {mine['decided']} its threshold, decided after "
+                         f"{mine['attacked']} of {mine['of']}")
+    for c in weakest_first[:3]:
+        history = (by_name.get(c["name"]) or {}).get("history") or []
+        steps = " → ".join(f"{pct(lo)}–{pct(hi)} ({n})" for n, lo, hi in history)
+        if steps:
+            lines.append(f"class {c['name']} narrowed: {steps}")
     return lines
 
 

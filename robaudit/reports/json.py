@@ -77,9 +77,13 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
         "environment": result.environment,
         "attacks": result.attacks or describe_attacks(config, config.attacks),
         "escalation": result.escalation.to_dict(),
+        # A sequential scan's rounds; per class, in "classes", what its sequence decided.
+        "sequential": None if result.sequential is None else
+        {k: v for k, v in result.sequential.items() if k != "classes"},
         "class_names": result.class_names,
         "classes": [_class(s, result.verdicts[s.index],
-                           {name: verdicts[s.index] for name, verdicts in by_figure.items()})
+                           {name: verdicts[s.index] for name, verdicts in by_figure.items()},
+                           (result.sequential or {}).get("classes", {}).get(s.name))
                     for s in result.stats],
         "summary": _summary(result.summary),
         "confusion": result.confusion,
@@ -105,7 +109,8 @@ def _gate(policy: GatePolicy, stats: list[ClassStats]) -> dict[str, Any]:
     }
 
 
-def _class(s: ClassStats, verdict: Verdict, by_figure: dict[str, Verdict]) -> dict[str, Any]:
+def _class(s: ClassStats, verdict: Verdict, by_figure: dict[str, Verdict],
+           sequential: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "index": s.index,
         "name": s.name,
@@ -120,6 +125,7 @@ def _class(s: ClassStats, verdict: Verdict, by_figure: dict[str, Verdict]) -> di
         "confusion_row": s.confusion_row,
         "verdict": _verdict(verdict),
         "verdict_by_figure": {n: _verdict(v) for n, v in by_figure.items()},
+        **({} if sequential is None else {"sequential": sequential}),
     }
 
 

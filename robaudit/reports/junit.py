@@ -54,6 +54,12 @@ def _class_lines(doc: dict[str, Any], c: dict[str, Any]) -> list[str]:
                  for f, acc in row["robust"].items()}
         lines.append(f"  at eps {entry['eps_text']}: "
                      + ", ".join(_figure(f, rates.get(f)) for f in figures if f in rates))
+    s = c.get("sequential")
+    if s is not None and s["interval"] is not None:
+        low, high = s["interval"]
+        lines.append(f"  sequential: {s['decided'] or 'undecided'} after {s['attacked']} of "
+                     f"{s['of']} attacked (round {s['round']}), robust between {_pct(low)} "
+                     f"and {_pct(high)}")
     return lines
 
 
@@ -69,6 +75,10 @@ def _properties(suite: ET.Element, doc: dict[str, Any]) -> None:
               for name, acc in doc["summary"]["robust_acc"].items()]
     items += [(f"robust_acc.{WORST}@eps={e['eps_text']}", _pct(e["robust_acc"].get(WORST)))
               for e in doc.get("sweep") or []]
+    sequential = doc.get("sequential")
+    if sequential:
+        items += [("sequential.confidence", sequential["confidence"]),
+                  ("sequential.attacked", f"{sequential['attacked']} of {sequential['of']}")]
     for key, value in items:
         ET.SubElement(props, "property", name=key, value=_text(value))
 

@@ -153,12 +153,18 @@ FAILURE = obj({"policy": TEXT, "message": TEXT},
               {"value": nullable(NUMBER), "threshold": nullable(NUMBER)})
 VERDICT = obj({"passed": BOOL, "failures": list_of(FAILURE)},
               {"status": nullable(TEXT), "unreliable": ANY})
+#: What a sequential scan's confidence sequence did for one class (robaudit/rounds.py).
+SEQUENTIAL_CLASS = obj(
+    {"attacked": COUNT, "of": COUNT, "round": nullable(COUNT), "decided": nullable(TEXT),
+     "interval": nullable(list_of(FRACTION, 2))},
+    {"exhausted": BOOL, "history": list_of(list_of(NUMBER, 3))},
+)
 CLASS = obj(
     {"index": COUNT, "name": TEXT, "n": COUNT, "clean": nullable(RATE),
      "robust": map_of(nullable(RATE)), "runtime_robust": nullable(RATE), "verdict": VERDICT,
      "verdict_by_figure": map_of(VERDICT)},
     {"confusion_row": list_of(COUNT), "mean_clean_margin": nullable(NUMBER),
-     "mean_adv_margin": nullable(NUMBER)},
+     "mean_adv_margin": nullable(NUMBER), "sequential": SEQUENTIAL_CLASS},
 )
 ATTACK = obj({"name": TEXT}, {
     "description": TEXT, "stage": TEXT, "escalation": BOOL, "eps": NUMBER, "norm": TEXT,
@@ -210,6 +216,8 @@ _REPORT = obj(
                                  {"path": TEXT, "created": TEXT})),
         "confusion": map_of(list_of(list_of(COUNT))), "sweep": list_of(SWEEP_ENTRY),
         "gallery": nullable(map_of(list_of(map_of(ANY)))),
+        "sequential": nullable(obj({"confidence": FRACTION, "rounds": COUNT,
+                                    "attacked": COUNT, "of": COUNT})),
     },
 )
 

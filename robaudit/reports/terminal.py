@@ -38,6 +38,7 @@ from robaudit.reports.terminal_layout import (
     ranking_line,
     rows_shown,
     scan_columns,
+    sequential_lines,
     sweep_lines,
     table_width,
     weakness,
@@ -216,7 +217,7 @@ class TerminalReporter:
             f"best {s['best_class']['name']} {_pct(s['best_class']['robust_acc'])}, "
             f"gap {_pp(s['gap'])}, std {_pp(s['std'])}"
         ))
-        for line in sweep_lines(doc):
+        for line in [*sweep_lines(doc), *sequential_lines(doc, self.verbosity > 0)]:
             self.console.print(Text(line))
         for pair, rho in s["rank_correlation"].items():
             rho_text = "undefined" if rho is None else f"{rho:.2f}"

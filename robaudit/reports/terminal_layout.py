@@ -101,8 +101,11 @@ def scan_columns(doc: dict[str, Any], classes: Sequence[dict[str, Any]], verbose
     attacks = [a["name"] for a in doc["attacks"]]
     runtime = any(c["runtime_robust"] for c in doc["classes"])
     optional = [name for name in reversed(attacks) if name != on]
-    order = [*optional, "95% CI"] if verbose else ["95% CI", *optional]
-    order += ["ORT", "clean", "n"]
+    sequential = doc.get("sequential")
+    # A class attacked in part is bounded by its confidence sequence, not a Wilson interval.
+    interval = "interval" if sequential else "95% CI"
+    order = [*optional, interval] if verbose else [interval, *optional]
+    order += ["decided", "ORT", "clean", "n"]
 
     def column(header: str, cells: list[str], right: bool = True) -> Column:
         return Column(header, cells, right, order.index(header) if header in order else None)
@@ -120,7 +123,9 @@ def scan_columns(doc: dict[str, Any], classes: Sequence[dict[str, Any]], verbose
     columns += [column(name, [pct(_acc(c["robust"].get(name))) for c in classes])
                 for name in attacks]
     columns.append(column("worst", [pct(_acc(c["robust"][WORST])) for c in classes]))
-    columns.append(column("95% CI", [ci(c) for c in classes]))
+    columns.append(column(interval, [ci(c) for c in classes]))
+    if sequential:
+        columns.append(column("decided", [decided(c) for c in classes]))
     if runtime:
         columns.append(column("ORT", [pct(_acc(c["runtime_robust"])) for c in classes]))
     columns.append(column("verdict", [status(c["verdict"]) for c in classes], right=False))
@@ -190,6 +195,30 @@ def attack_label(attack: dict[str, Any]) -> str:
     stage = attack.get("stage", "scan")
     prefix = {"finish": "then ", "escalation": "escalation "}.get(stage, "")
     return prefix + attack["name"] + (f" ({', '.join(details)})" if details else "")
+
+
+def decided(c: dict[str, Any]) -> str:
+    """``8/29``: a sequential scan decided the class after attacking 8 of its 29 examples."""
+    s = c.get("sequential")
+    return "-" if s is None else f"{s['attacked']}/{s['of']}"
+
+
+def sequential_lines(doc: dict[str, Any], every: bool) -> list[str]:
+    """What a sequential scan attacked; with ``every``, each class decided early."""
+    s = doc.get("sequential")
+    if not s:
+        return []
+    share = f" ({s['attacked'] / s['of']:.0%})" if s["of"] else ""
+    lines = [f"sequential at {s['confidence']:.0%} confidence: {s['attacked']} of {s['of']} "
+             f"clean-correct examples attacked{share} in {s['rounds']} rounds; interval: "
+             f"the {s['confidence']:.0%} confidence sequence of a class decided early, else "
+             "the 95% Wilson interval"]
+    for c in doc["classes"] if every else ():
+        mine = c.get("sequential")
+        if mine and mine["decided"] and not mine["exhausted"]:
+            lines.append(f"class {c['name']}: {mine['decided']} its threshold, decided after "
+                         f"{mine['attacked']} of {mine['of']} in round {mine['round']}")
+    return lines
 
 
 def eps_line(doc: dict[str, Any]) -> str:

@@ -1,0 +1,199 @@
+"""The sequential gate: the confidence sequence on simulated populations (known answers, no
+model), then the scan's sequential mode through the real CLI on the bundled example."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import DIGITS
+
+from robaudit.cli import main
+from robaudit.errors import ExitCode
+from robaudit.reports.schema import read_json
+from robaudit.sequential import (
+    ABOVE,
+    BELOW,
+    confidence_sequence,
+    decide,
+    needed,
+    round_order,
+)
+
+
+def _population(size: int, robust: int, rng: np.random.Generator) -> np.ndarray:
+    pop = np.zeros(size, dtype=bool)
+    pop[:robust] = True
+    rng.shuffle(pop)
+    return pop
+
+
+def _bounds(size: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """low[n, k] and high[n, k] for every sample: each trial is then a look-up."""
+    low = np.zeros((size + 1, size + 1), dtype=np.int64)
+    high = np.zeros_like(low)
+    for n in range(size + 1):
+        for k in range(n + 1):
+            low[n, k], high[n, k], estimate = confidence_sequence(k, n, size, alpha)
+            assert low[n, k] <= estimate <= high[n, k]
+    return low, high
+
+
+def _first_exit(low: np.ndarray, high: np.ndarray, seen: np.ndarray, lo: int, hi: int) -> int:
+    """The first n (1-based) at which [low, high] leaves [lo, hi], or 0 if it never does."""
+    steps = np.arange(1, len(seen) + 1)
+    out = (low[steps, seen] > lo) | (high[steps, seen] < hi)
+    return int(steps[out][0]) if out.any() else 0
+
+
+def test_needed_counts_as_the_gate_judges() -> None:
+    # 15 of 50 is exactly 30%: the gate passes it, so 15 suffice; 0.3 * 50 in floats is 15.0...
+    assert needed(0.3, 50) == 15
+    assert needed(0.31, 50) == 16
+    assert needed(0.0, 50) == 0
+    assert needed(1.0, 7) == 7
+
+
+def test_the_whole_population_seen_is_exact_and_nothing_seen_is_everything() -> None:
+    assert confidence_sequence(13, 40, 40, 0.01) == (13, 13, 13)
+    low, high, _ = confidence_sequence(0, 0, 40, 0.01)
+    assert (low, high) == (0, 40)
+
+
+def test_an_all_robust_sample_is_decided_when_the_theory_says() -> None:
+    # With the uniform prior and n robust of n, the mixture's likelihood is 1/(n+1), so a count
+    # K is excluded once C(K,n)/C(C,n) <= alpha/(n+1): the floor 0.3 of 100 (K <= 29 fails)
+    # falls at the first n where C(29,n)/C(100,n)*(n+1) <= 0.01.
+    theory = next(n for n in range(1, 100)
+                  if math.comb(29, n) / math.comb(100, n) * (n + 1) <= 0.01)
+    assert theory == 5
+    first = next(n for n in range(1, 100)
+                 if decide(n, n, 100, needed(0.3, 100), 0.01).status == ABOVE)
+    assert first == theory
+
+
+def test_the_sequence_covers_the_truth_at_every_step_often_enough() -> None:
+    # Anytime validity: the share of runs whose set ever misses the true count stays under
+    # alpha (0.1 here, so that misses happen and the bound is tested, not only met).
+    rng = np.random.default_rng(1)
+    size, truth, alpha, trials = 40, 17, 0.1, 300
+    low, high = _bounds(size, alpha)
+    misses = sum(_first_exit(low, high, np.cumsum(_population(size, truth, rng)), truth, truth) > 0
+                 for _ in range(trials))
+    assert misses <= alpha * trials
+    assert misses > 0  # the bound is not vacuous: some runs do stray
+
+
+@pytest.mark.parametrize(("robust", "wrong"), [(15, BELOW), (14, ABOVE)])
+def test_a_class_at_its_floor_is_decided_wrongly_no_more_than_allowed(robust: int,
+                                                                      wrong: str) -> None:
+    # 50 clean-correct examples of 50, floor 0.3: 15 robust passes exactly at the floor, 14
+    # fails by one example; deciding after every example is the hardest case for the bound.
+    rng = np.random.default_rng(2)
+    alpha, trials, need = 0.05, 1000, needed(0.3, 50)
+    low, high = _bounds(50, alpha)
+    errors = 0
+    for _ in range(trials):
+        seen = np.cumsum(_population(50, robust, rng))
+        n = _first_exit(low, high, seen, need - 1, need)  # decided: low >= need or high < need
+        status = None if n == 0 else decide(int(seen[n - 1]), n, 50, need, alpha).status
+        errors += status == wrong
+    assert errors <= alpha * trials
+
+
+def test_a_class_far_from_its_floor_is_decided_within_the_predicted_examples() -> None:
+    # Robust 90% against a floor of 30%: the set drops K/C = 0.3 once n*KL(0.9||0.3) exceeds
+    # log((C+1)/alpha) (the uniform prior's mixture loses at most log(C+1)).
+    rng = np.random.default_rng(3)
+    size, alpha, p, q = 200, 0.01, 0.9, 0.3
+    kl = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    bound = math.log((size + 1) / alpha) / kl
+    assert 12 < bound < 13
+    stops = []
+    for _ in range(60):
+        seen = np.cumsum(_population(size, 180, rng))
+        stops.append(next(n for n in range(1, size + 1)
+                          if decide(int(seen[n - 1]), n, size, needed(q, size), alpha).status))
+    assert np.median(stops) <= bound
+    assert min(stops) >= 4  # 4 robust of 4 cannot yet exclude 30%: (0.3^4)*5 > 0.01
+
+
+def test_round_order_depends_only_on_the_seed_and_the_indices() -> None:
+    order = round_order(np.arange(100), seed=7)
+    assert sorted(order.tolist()) == list(range(100))
+    assert order.tolist() != list(range(100))
+    # The relative order of a subset is the same as in the whole: no dependence on which
+    # other examples (another rank's, another batch's) are there.
+    evens = round_order(np.arange(0, 100, 2), seed=7)
+    assert evens.tolist() == [i for i in order.tolist() if i % 2 == 0]
+    assert round_order(np.arange(100), seed=8).tolist() != order.tolist()
+
+
+# --- the scan's sequential mode, through the real CLI on the bundled digits example ----------
+
+SMALL = ("--device", "cpu", "--eps", "0.2", "--attacks", "pgd", "--finish", "none", "--steps",
+         "3", "--per-class", "30", "--min-class-robust", "0.5", "-q")
+
+
+def _scan(tmp_path: Path, name: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    out = tmp_path / f"{name}.json"
+    code = main(["scan", str(DIGITS / "model.pt2"), "--data", str(DIGITS / "test.npz"), *SMALL,
+                 *extra, "--json", str(out)])
+    return code, read_json(out)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, dict[str, Any]]]:
+    tmp = tmp_path_factory.mktemp("sequential")
+    return {"full": _scan(tmp, "full"), "sequential": _scan(tmp, "seq", "--sequential"),
+            "batch": _scan(tmp, "batch", "--sequential", "--batch-size", "7")}
+
+
+def test_a_sequential_scan_gives_the_full_scans_verdicts_attacking_fewer(scans: Any) -> None:
+    (full_code, full), (code, seq) = scans["full"], scans["sequential"]
+    assert code == full_code == ExitCode.FLAGGED
+    assert seq["verdict"]["flagged"] == full["verdict"]["flagged"] == ["8", "9"]
+    assert seq["sequential"]["of"] == sum(c["clean"]["correct"] for c in full["classes"]) == 293
+    assert seq["sequential"]["attacked"] == 166  # the same seed attacks the same examples
+    for c in seq["classes"]:
+        s = c["sequential"]
+        low, high = s["interval"]
+        assert low <= c["robust"]["worst"]["acc"] <= high
+        if s["decided"] == "above":
+            assert low >= 0.5 and c["verdict"]["passed"]
+        elif s["decided"] == "below":
+            assert high < 0.5 and not c["verdict"]["passed"]
+        if s["attacked"] < s["of"]:
+            assert s["decided"] is not None and not s["exhausted"]
+        else:  # examples ran out: judged on the full figure, as the full scan judges it
+            full_class = full["classes"][c["index"]]
+            assert c["robust"]["worst"] == full_class["robust"]["worst"]
+
+
+def test_a_sequential_scan_does_not_depend_on_the_batch_size(scans: Any) -> None:
+    (_, seq), (_, batch) = scans["sequential"], scans["batch"]
+    assert batch["sequential"] == seq["sequential"]
+    assert [c["sequential"] for c in batch["classes"]] == [c["sequential"] for c in seq["classes"]]
+    assert [c["robust"] for c in batch["classes"]] == [c["robust"] for c in seq["classes"]]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--max-gap", "0.3"), "error: --sequential decides each class against its own floor; "
+     "--max-gap depends on every class's figure: use --min-class-robust or --max-drop, or "
+     "drop --sequential"),
+    (("--min-ratio", "0.5"), "--min-ratio depends on every class's figure"),
+    (("--confidence", "1"), "error: confidence must be at least 0.5 and below 1, got 1"),
+    (("--eps", "0.1,0.2"), "error: --sequential judges one eps; a sweep needs every example"),
+])
+def test_what_a_sequential_scan_cannot_decide_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...],
+        message: str) -> None:
+    code = main(["scan", str(DIGITS / "model.pt2"), "--data", str(DIGITS / "test.npz"), *SMALL,
+                 "--sequential", *extra, "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == ExitCode.USAGE_ERROR
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
