@@ -23,9 +23,6 @@ from robaudit.choices import ESCALATION
 from robaudit.compare import Figures, check_comparable, read_figures
 from robaudit.config import (
     ScanConfig,
-    attack_settings,
-    attack_stage,
-    describe_attacks,
 )
 from robaudit.data import DataSource, fit_to_model, iter_batches, load_data, select_classes
 from robaudit.errors import ConfigError, NothingToAudit, UsageError
@@ -45,6 +42,7 @@ from robaudit.models import (
     output_count,
     verify_runtime,
 )
+from robaudit.portfolio import attack_settings, attack_stage, describe_attacks
 from robaudit.provenance import environment
 from robaudit.recording import merge_columns, outcomes, record
 from robaudit.result import ScanResult, exit_outcome, judgement_of

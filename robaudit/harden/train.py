@@ -31,11 +31,12 @@ from robaudit.attacks import build_attack, example_seed
 from robaudit.attacks.losses import margin
 from robaudit.attacks.memory import plan_batch
 from robaudit.attacks.stream import BatchAudit, audit_batch
-from robaudit.config import ScanConfig, attack_settings
+from robaudit.config import ScanConfig
 from robaudit.data import iter_batches, load_data, select_indices
 from robaudit.errors import UsageError
 from robaudit.harden.reweight import ClassSettings
 from robaudit.metrics import Records, class_stats, summarize
+from robaudit.portfolio import attack_settings
 
 
 @dataclass

@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from robaudit.config import describe_attacks
 from robaudit.gate import GatePolicy, Verdict, thresholds
 from robaudit.metrics import ClassStats, Rate, Summary
+from robaudit.portfolio import describe_attacks
 from robaudit.reports import atomic_write
 from robaudit.reports.schema import SCHEMA, SCHEMA_VERSION, read_json
 from robaudit.result import ScanResult
