@@ -72,17 +72,21 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def scan(
-    config: ScanConfig, *, progress: Callable[[Progress], None] | None = None
+    config: ScanConfig, *, progress: Callable[[Progress], None] | None = None,
+    model: LoadedModel | None = None,
 ) -> ScanResult:
     """Audit ``config.model`` on ``config.data``: load, attack (escalating where the sanity
     checks see masking), measure, judge.
+
+    ``model``, when given, is audited instead of loading ``config.model`` (harden judges the
+    weights it is training this way, with the scan's own attacks and gate).
 
     Ctrl-C (``KeyboardInterrupt``) during the attacks does not lose the work done: the result
     covers the examples finished so far and has ``partial=True``.
     """
     started = time.perf_counter()
     report = progress or (lambda _p: None)
-    loaded = _load(config, report)
+    loaded = _load(config, report, model)
     return _judge(_attack(config, loaded, report), started)
 
 
@@ -103,7 +107,8 @@ class _Loaded:
     seconds: float
 
 
-def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
+def _load(config: ScanConfig, report: Callable[[Progress], None],
+          given: LoadedModel | None = None) -> _Loaded:
     started = time.perf_counter()
     ctx = distributed.context()
     device = resolve_device(config.device, ctx.local_rank)
@@ -129,7 +134,7 @@ def _load(config: ScanConfig, report: Callable[[Progress], None]) -> _Loaded:
                          audited=[source.class_names[t] for t in audited], against="this scan",
                          norm=config.norm)
     report(Progress("loading model", 0, len(indices)))
-    model = load_model(
+    model = given or load_model(
         config.model, arch=config.arch, num_classes=config.num_classes,
         mean=config.mean, std=config.std, device=device,
     )

@@ -387,6 +387,9 @@ def compare(baseline: Path, report: Path, max_drop: str | None, gate_on: str | N
               "within this of the input model's.")
 @click.option("--max-clean-drop", type=float, default=0.01, show_default=True,
               help="Budget: the same for clean accuracy (and what --calibrate may cost).")
+@click.option("--ema-decay", type=float, default=0.95, show_default=True,
+              help="Moving average of the weights, per step; each epoch hands it back for "
+              "validation (0: off).")
 @click.option("--json", "json_path", help="Write the JSON harden report here.")
 @click.option("--html", help="Write the HTML before/after report here (both scans, per-class "
               "change).")
@@ -395,7 +398,7 @@ def harden(model: Path, train_data: str, val_data: str | None, val_fraction: flo
            out: str, epochs: int, objective: str, beta: float, reweight: str,
            class_eps: bool | None, lr: float, train_batch_size: int, train_steps: int,
            checkpoint: str | None, resume: bool, calibrate: bool, max_mean_drop: float,
-           max_clean_drop: float, json_path: str | None, html: str | None,
+           max_clean_drop: float, ema_decay: float, json_path: str | None, html: str | None,
            config_file: Path | None, verbose: int, quiet: int, **options: Any) -> int:
     """Fine-tune MODEL so that its weakest classes catch up; exit 0 when the hardened model
     passes the scan's gate, 1 when classes are still flagged."""
@@ -423,7 +426,7 @@ def harden(model: Path, train_data: str, val_data: str | None, val_fraction: flo
         epochs=epochs, objective=objective, beta=beta, reweight=reweight, class_eps=class_eps,
         lr=lr, train_batch_size=train_batch_size, train_steps=train_steps,
         checkpoint=checkpoint, resume=resume, calibrate=calibrate, max_mean_drop=max_mean_drop,
-        max_clean_drop=max_clean_drop, json=json_path, html=html,
+        max_clean_drop=max_clean_drop, ema_decay=ema_decay, json=json_path, html=html,
     )
     check_paths(config, _config_file_read(config_file))
     reporter = _reporter_for(out, json_path, html, verbose=verbose, quiet=quiet)

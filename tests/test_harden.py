@@ -22,10 +22,10 @@ from robaudit.harden import HardenConfig
 from robaudit.harden.calibrate import _search
 from robaudit.harden.checkpoint import load_checkpoint
 from robaudit.harden.export import write_model
-from robaudit.harden.holdout import hold_out
+from robaudit.harden.holdout import hold_out, minimum_per_class
 from robaudit.harden.reweight import SCHEMES, Feedback, make_scheme
-from robaudit.harden.state import Budget, Candidate, RunState
-from robaudit.harden.train import Validation, load_split
+from robaudit.harden.state import Budget, Candidate, RunState, noise
+from robaudit.harden.train import Split, Validation, load_split, train_epoch
 from robaudit.models import load_model
 
 # Small and quick: 10 examples per class, 3 attack steps, PGD only.
@@ -248,13 +248,16 @@ def test_without_val_data_harden_validates_on_a_hold_out_it_never_trains_on(tmp_
     assert code in (0, 1)
     doc = json.loads((tmp_path / "h.json").read_text())
     holdout = doc["validation"]["holdout"]
-    assert holdout == {"fraction": 0.1, "seed": 0, "file": str(tmp_path / "h.holdout.pt"),
-                       "held_out": 20, "trained_on": 180}
-    # The before/after scans ran on the hold-out file, two examples of each class.
-    assert doc["after"]["data"]["spec"] == holdout["file"] and doc["after"]["data"]["audited"] == 20
-    assert "20 examples held out of the training data" in capsys.readouterr().out
+    # 10% would be 2 of each class's 20; resolving the 2-point budget takes 25, capped at half.
+    assert holdout == {"fraction": 0.1, "minimum_per_class": 25, "seed": 0,
+                       "file": str(tmp_path / "h.holdout.pt"), "held_out": 100,
+                       "trained_on": 100}
+    # The before/after scans ran on the hold-out file, ten examples of each class.
+    assert doc["after"]["data"]["spec"] == holdout["file"]
+    assert doc["after"]["data"]["audited"] == 100
+    assert "100 examples held out of the training data" in capsys.readouterr().out
     held = torch.load(holdout["file"], weights_only=True)
-    assert held["x"].dtype == torch.uint8 and held["y"].bincount().tolist() == [2] * 10
+    assert held["x"].dtype == torch.uint8 and held["y"].bincount().tolist() == [10] * 10
 
 
 def test_val_fraction_with_val_data_is_a_usage_error(tmp_path, capsys):
@@ -334,3 +337,94 @@ def test_cfa_weight_averaging_starts_from_the_first_model_that_clears_the_thresh
         model.weight.fill_(4.0)
     assert float(scheme.hand_back(model, 0.4)["averaged"]["weight"]) == 3.0  # 0.5·2 + 0.5·4
     assert SCHEMES["cfa"].class_eps is True and SCHEMES["none"].class_eps is False
+
+
+# --- validation as the gate judges, the noise, the moving average ----------------------------
+
+
+def _judged(correct: list[int], n: int, verdicts: list[str], clean: float = 1.0) -> Validation:
+    robust = [c / n for c in correct]
+    worst = min(range(len(robust)), key=lambda k: robust[k])
+    return Validation([clean] * len(robust), robust, clean, sum(robust) / len(robust),
+                      robust[worst], str(worst), [n] * len(robust), correct, verdicts)
+
+
+def test_an_epoch_that_fails_a_class_the_input_passed_is_refused_whatever_it_gains():
+    base = _judged([2, 15, 20], 25, ["flagged", "passed", "passed"])
+    budget = Budget.around(base, 0.02, 0.01, ["a", "b", "c"])
+    assert budget.keep_passing == ["b", "c"]
+    run = RunState(0, budget, Candidate(0, {}, base), class_names=["a", "b", "c"])
+    # Class a +32 points and the mean up, but c slips under the gate on validation.
+    lifted = _judged([10, 17, 19], 25, ["passed", "passed", "flagged"])
+    assert budget.refusals(lifted, ["a", "b", "c"]) == ["fails c, which passed before"]
+    assert not run.offer(Candidate(1, {}, lifted)) and run.best.epoch == 0
+
+
+def test_a_worst_class_gain_within_one_standard_error_does_not_displace_the_input_model():
+    base = _judged([2, 20], 25, ["flagged", "passed"])
+    run = RunState(0, Budget.around(base, 0.02, 0.01, ["a", "b"]), Candidate(0, {}, base),
+                   class_names=["a", "b"])
+    # Agresti-Caffo: 2/25 -> p 3/27, 4/25 -> 5/27, 5/25 -> 6/27 (se over 27 examples).
+    two_more = _judged([4, 20], 25, ["flagged", "passed"])
+    assert noise(two_more, base) == pytest.approx(0.0962, abs=5e-4)
+    assert run.offer(Candidate(1, {}, two_more)) and run.best.epoch == 0  # +8 pp < 9.6 pp
+    three_more = _judged([5, 20], 25, ["flagged", "passed"])
+    assert noise(three_more, base) == pytest.approx(0.1003, abs=5e-4)
+    assert run.offer(Candidate(2, {}, three_more)) and run.best.epoch == 2  # +12 pp > 10.0 pp
+    low, high = three_more.class_interval(0)
+    assert (round(low, 3), round(high, 3)) == (0.089, 0.391)  # Wilson, 5 of 25
+
+
+def test_the_hold_out_holds_enough_examples_to_resolve_the_budget():
+    assert minimum_per_class(10, 0.02) == 25 and minimum_per_class(10, 0.01) == 50
+    assert minimum_per_class(100, 0.02) == 3
+    scan = ScanConfig(model=str(DIGITS / "model.pt2"), data=str(DIGITS / "train.npz"))
+    data = load_split(str(DIGITS / "train.npz"), scan, split="train")
+    assert hold_out(data, 0.1, 0, minimum=25)[1].y.bincount().tolist() == [25] * 10
+    # Never more than half a class: 61-64 of 122-128.
+    half = hold_out(data, 0.1, 0, minimum=1000)[1].y.bincount().tolist()
+    assert half == [62, 63, 62, 64, 63, 63, 63, 62, 61, 63]
+
+
+def test_the_moving_average_follows_every_step():
+    module = torch.nn.Linear(4, 2)
+    start = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    ema = {k: v.clone() for k, v in start.items()}
+    data = Split(torch.rand(8, 4), torch.tensor([0, 1] * 4), torch.arange(8), ["a", "b"])
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    train_epoch(module, optimizer, data, make_scheme(config(reweight="none"), 2).settings(),
+                objective="pgd-at", steps=1, batch_size=8, seed=0, epoch=1, ema=ema,
+                ema_decay=0.9)
+    for name, value in module.state_dict().items():  # one step: 0.9·θ0 + 0.1·θ1
+        assert torch.allclose(ema[name], 0.9 * start[name] + 0.1 * value)
+        assert not torch.equal(value, start[name])
+
+
+def test_harden_judges_epochs_as_the_gate_and_keeps_the_input_when_an_epoch_fails_a_class(
+        tmp_path, capsys):
+    out = tmp_path / "h.pt2"
+    code = main(harden_args("model.pt2", out, "--epochs", "1", "--lr", "0.05",
+                            "--json", str(tmp_path / "h.json"), "--html", str(tmp_path / "h.html")))
+    err = capsys.readouterr()
+    doc = json.loads((tmp_path / "h.json").read_text())
+    assert code == 1 and "Traceback" not in err.err and doc["schema_version"] == 3
+    # Epoch 0's validation is the before scan itself: the worst case and the gate's verdicts.
+    base = doc["history"][0]["validation"]
+    before = doc["before"]["classes"]
+    assert base["robust"] == [c["robust"]["worst"]["acc"] for c in before]
+    assert base["verdicts"] == [c["verdict"]["status"] for c in before]
+    assert doc["kept"]["budget"]["keep_passing"] == ["0", "1", "2", "3", "4", "5", "6", "7"]
+    # lr 0.05 wrecks the model: refused, the input kept, and the report says why.
+    epoch = doc["history"][1]
+    assert not epoch["within_budget"] and epoch["refused"][-1] == \
+        "fails 1, 2, 3, 4, 5, which passed before"
+    assert doc["kept"]["epoch"] == 0
+    assert doc["warnings"][0].startswith("the input model is kept: no epoch lifted the weakest")
+    assert "fails 1, 2, 3, 4, 5, which passed before" in doc["warnings"][0]
+    assert [c["before"]["verdict"] for c in doc["classes"]] == base["verdicts"]
+    assert [c["after"]["verdict"] for c in doc["classes"]] == base["verdicts"]
+    # Intervals on every validation figure, in the JSON and on the page.
+    assert base["ci95"][8] == [0.0, pytest.approx(0.2775, abs=1e-4)]  # 0 of 10
+    page = (tmp_path / "h.html").read_text()
+    assert "class mean (95% CI)" in page and "[0%, 28%]" in page
+    assert "no: class mean 24.0% &lt; 66.0%" in page

@@ -22,18 +22,18 @@ from robaudit.errors import UsageError
 from robaudit.reports import atomic_write
 
 FORMAT = "robaudit.harden.checkpoint"
-VERSION = 3
+VERSION = 4
 #: What ``--resume`` reads: each field's type, or the fields of a nested dict (a float field
 #: takes an int too).
 FIELDS: dict[str, Any] = {
     "identity": dict, "model": dict, "optimizer": {"state": dict, "param_groups": list},
     "scheme": dict, "rng": torch.Tensor, "epoch": int,
-    "budget": dict.fromkeys(("max_mean_drop", "max_clean_drop", "mean_floor", "clean_floor"),
-                            float),
+    "budget": {**dict.fromkeys(("max_mean_drop", "max_clean_drop", "mean_floor", "clean_floor"),
+                               float), "keep_passing": list},
     "best": {"epoch": int, "state": dict,
              "validation": {"clean": list, "robust": list, "clean_acc": float,
                             "mean_robust": float, "worst_robust": float, "worst_class": str}},
-    "history": list,
+    "history": list, "class_names": list, "ema": dict,
 }
 
 

@@ -54,6 +54,9 @@ class HardenConfig:
     #: (None: the input model's, on the validation set).
     cfa_decay: float = 0.85
     cfa_threshold: float | None = None
+    #: Decay per training step of the exponential moving average of the weights, which is what
+    #: each epoch hands back for validation (0: off; ``cfa`` averages its own way instead).
+    ema_decay: float = 0.95
     #: Checkpoint file (default: ``<out>.ckpt``); ``resume`` continues from it.
     checkpoint: str | None = None
     resume: bool = False
@@ -125,6 +128,7 @@ def validate(config: HardenConfig) -> None:
     check(config.frl_rate > 0 and config.frl_tau >= 0,
           "frl rate must be positive and frl tau non-negative")
     check(0 <= config.cfa_decay < 1, f"cfa decay must be in [0, 1), got {config.cfa_decay}")
+    check(0 <= config.ema_decay < 1, f"ema decay must be in [0, 1), got {config.ema_decay}")
     check(config.cfa_threshold is None or 0 <= config.cfa_threshold <= 1,
           f"cfa threshold must be in [0, 1], got {config.cfa_threshold}")
     check(0 <= config.max_clean_drop <= 1,

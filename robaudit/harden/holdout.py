@@ -1,16 +1,18 @@
 """Validation data of harden's own: a seeded, stratified hold-out of the training data.
 
 Without ``--val-data``, harden keeps ``--val-fraction`` of each class's training examples apart
-(at least one of a class with two or more; a class with one example stays in training), never
-trains on them, validates every epoch on them and scans the model before and after on them. The
-hold-out is written beside the output model as ``<out stem>.holdout.pt`` (``x``, ``y``,
-``class_names`` and ``source_index``, the held-out examples' indices in the training data), so
-the before/after scans read it like any data file and it can be scanned again later.
+(at least one of a class with two or more; a class with one example stays in training), and at
+least :func:`minimum_per_class` of each class as long as that leaves half of it for training. It
+never trains on them, validates every epoch on them and scans the model before and after on
+them. The hold-out is written beside the output model as ``<out stem>.holdout.pt`` (``x``,
+``y``, ``class_names`` and ``source_index``, the held-out examples' indices in the training
+data), so the before/after scans read it like any data file and it can be scanned again later.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +25,23 @@ from robaudit.reports import atomic_write
 STREAM = 0x686F6C64  # "hold"
 
 
-def hold_out(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """``(training, held out)``: a stratified ``fraction`` of each class, chosen by ``seed``.
+#: One held-out example may move the class mean by at most this share of the mean budget.
+RESOLUTION = 5
+
+
+def minimum_per_class(classes: int, max_mean_drop: float) -> int:
+    """The fewest examples per class a hold-out needs to resolve the class-mean budget: one
+    example of a class moves the class mean by ``1 / (classes * n)``, and that must be at most
+    a fifth of ``max_mean_drop`` (25 per class for 10 classes and a 2-point budget)."""
+    if max_mean_drop <= 0:
+        return 2**31  # no budget to resolve: as many as allowed (half of each class)
+    return math.ceil(RESOLUTION / (classes * max_mean_drop) - 1e-9)
+
+
+def hold_out(data: Split, fraction: float, seed: int,
+             minimum: int = 1) -> tuple[Split, Split]:
+    """``(training, held out)``: a stratified ``fraction`` of each class (at least ``minimum``,
+    at most half the class), chosen by ``seed``.
 
     Both keep the data set order. The held-out split's ``index`` counts from 0 (its position in
     the hold-out file, which is what the scans seed each example's attack by).
@@ -36,7 +53,8 @@ def hold_out(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:
         members = np.flatnonzero(y == k)
         if len(members) < 2:
             continue
-        n = min(len(members) - 1, max(1, round(fraction * len(members))))
+        wanted = max(1, round(fraction * len(members)), min(minimum, len(members) // 2))
+        n = min(len(members) - 1, wanted)
         chosen.append(rng.choice(members, size=n, replace=False))
     held = np.sort(np.concatenate(chosen))
     keep = np.ones(len(y), dtype=bool)

@@ -73,6 +73,8 @@ class Scheme:
     name: ClassVar[str] = "none"
     #: Per-class ε: True always, False never, None only with ``--class-eps``.
     class_eps: ClassVar[bool | None] = False
+    #: Whether the scheme averages weights itself (then harden's own moving average is off).
+    averages: ClassVar[bool] = False
 
     def __init__(self, num_classes: int, config: HardenConfig) -> None:
         self.num_classes = num_classes
@@ -158,6 +160,7 @@ class CFA(Scheme):
 
     name = "cfa"
     class_eps = True
+    averages = True
 
     def __init__(self, num_classes: int, config: HardenConfig) -> None:
         super().__init__(num_classes, config)

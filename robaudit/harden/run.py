@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +24,27 @@ from robaudit.harden.calibrate import Calibration, calibrate
 from robaudit.harden.checkpoint import load_checkpoint, model_sha256, save_checkpoint
 from robaudit.harden.config import HardenConfig
 from robaudit.harden.export import check_exportable, write_model
-from robaudit.harden.holdout import hold_out, holdout_path, write_holdout
+from robaudit.harden.holdout import hold_out, holdout_path, minimum_per_class, write_holdout
+from robaudit.harden.judge import from_scan, judge_weights
 from robaudit.harden.reweight import Feedback, Scheme, make_scheme
-from robaudit.harden.state import CRITERION, Budget, Candidate, RunState
+from robaudit.harden.state import CRITERION, Budget, Candidate, RunState, noise
 from robaudit.harden.train import (
     Diverged,
     Split,
     Validation,
     load_split,
     train_epoch,
-    validate,
 )
 from robaudit.models import LoadedModel, load_model
 from robaudit.reports import atomic_write, check_outputs
 from robaudit.reports.json import to_dict as scan_to_dict
 
 SCHEMA = "robaudit.harden"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Report = Callable[["HardenProgress"], None]
+#: Judges the weights the module holds now, as the gate judges (robaudit.harden.judge).
+Assess = Callable[[], Validation]
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,11 @@ def harden(config: HardenConfig, *, progress: Report | None = None) -> HardenRes
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
     scheme = make_scheme(config, len(data.val.class_names))
-    run, resumed_from = _start(config, resumed, module, optimizer, scheme, data.val, report)
+    run, resumed_from = _start(config, resumed, module, optimizer, scheme, before)
+    assess = partial(judge_weights, loaded, module, data.scan)
     for epoch in range(run.epoch + 1, config.epochs + 1):
         try:
-            _run_epoch(config, epoch, module, optimizer, scheme, run, data.train, data.val,
+            _run_epoch(config, epoch, module, optimizer, scheme, run, data.train, assess,
                        report)
         except Diverged as exc:
             raise _diverged(config, loaded, run, data.val, exc) from None
@@ -178,7 +182,8 @@ def _prepare(config: HardenConfig, device: torch.device) -> Prepared:
     if config.val_fraction is None:
         val = load_split(sc.data, sc, split=sc.split)
         return Prepared(_to(train, device), _to(val, device), sc)
-    train, val = hold_out(train, config.val_fraction, sc.seed)
+    minimum = minimum_per_class(len(train.class_names), config.max_mean_drop)
+    train, val = hold_out(train, config.val_fraction, sc.seed, minimum)
     if len(val.y) == 0:
         raise DataError(f"{config.train_data} has too few examples per class to hold any out "
                         "for validation; pass --val-data")
@@ -187,16 +192,17 @@ def _prepare(config: HardenConfig, device: torch.device) -> Prepared:
     # The hold-out file holds exactly the selected, resized examples: the scans take them all.
     scan_config = replace(sc, data=str(path), per_class=None, limit=None, image_size=None,
                           class_names=None)
-    info = {"fraction": config.val_fraction, "seed": sc.seed, "file": str(path),
-            "held_out": len(val.y), "trained_on": len(train.y)}
+    info = {"fraction": config.val_fraction, "minimum_per_class": min(minimum, 2**31 - 1),
+            "seed": sc.seed, "file": str(path), "held_out": len(val.y),
+            "trained_on": len(train.y)}
     return Prepared(_to(train, device), _to(val, device), scan_config, info)
 
 
 def _start(config: HardenConfig, state: dict[str, Any] | None, module: nn.Module,
-           optimizer: torch.optim.Optimizer, scheme: Scheme, val: Split,
-           report: Report) -> tuple[RunState, int | None]:
+           optimizer: torch.optim.Optimizer, scheme: Scheme,
+           before: ScanResult) -> tuple[RunState, int | None]:
     """The run state: read back from the checkpoint ``state`` (``--resume``), else epoch 0 (the
-    input model, validated; it sets the budget)."""
+    input model, whose scan on the validation data sets the budget)."""
     if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -204,19 +210,21 @@ def _start(config: HardenConfig, state: dict[str, Any] | None, module: nn.Module
         torch.set_rng_state(state["rng"])
         run = RunState.from_checkpoint(state)
         return run, run.epoch
-    report(HardenProgress("validating the model as given", 0, config.epochs))
-    base = validate(module, val, config.scan)
+    base = from_scan(before)
     scheme.update(Feedback(base.clean, base.robust))
-    budget = Budget.around(base, config.max_mean_drop, config.max_clean_drop)
+    names = list(before.class_names)
+    budget = Budget.around(base, config.max_mean_drop, config.max_clean_drop, names)
     run = RunState(0, budget, Candidate(0, _clone(module.state_dict()), base),
-                   [{"epoch": 0, "validation": base.to_dict(), "within_budget": True}])
+                   [{"epoch": 0, "validation": base.to_dict(), "within_budget": True}], names)
+    if config.ema_decay > 0 and not scheme.averages:
+        run.ema = _clone(module.state_dict())  # the average starts at the input model
     _save(config, module, optimizer, scheme, run)
     return run, None
 
 
 def _run_epoch(config: HardenConfig, epoch: int, module: nn.Module,
                optimizer: torch.optim.Optimizer, scheme: Scheme, run: RunState, train: Split,
-               val: Split, report: Report) -> None:
+               assess: Assess, report: Report) -> None:
     sc = config.scan
     settings = scheme.settings()
     # Cosine decay to a tenth, a function of the epoch alone, so resuming needs no scheduler.
@@ -230,27 +238,45 @@ def _run_epoch(config: HardenConfig, epoch: int, module: nn.Module,
     began = time.perf_counter()
     stats = train_epoch(module, optimizer, train, settings, objective=config.objective,
                         steps=config.train_steps, batch_size=config.train_batch_size,
-                        seed=sc.seed, epoch=epoch, on_batch=on_batch)
+                        seed=sc.seed, epoch=epoch, on_batch=on_batch, ema=run.ema or None,
+                        ema_decay=config.ema_decay)
     fitted = time.perf_counter()
     report(HardenProgress("validating", epoch, config.epochs, loss=stats.loss))
-    current = validate(module, val, sc)
-    notes = scheme.hand_back(module, current.worst_robust)
-    averaged = notes.pop("averaged", None)
-    candidate = Candidate(epoch, _clone(module.state_dict()), current)
-    if averaged is not None:  # the scheme hands back averaged weights: they are the candidate
-        candidate = Candidate(epoch, _clone(averaged), _validate_state(module, averaged, val, sc))
-        notes["averaged_validation"] = candidate.validation.to_dict()
+    candidate, current, notes = _judge_epoch(epoch, module, scheme, run, assess)
     scheme.update(Feedback(current.clean, current.robust, stats.train_robust))
     within = run.offer(candidate)
+    refused = run.budget.refusals(candidate.validation, run.class_names)
+    base = Validation.from_dict(run.history[0]["validation"])
     run.history.append({
         "epoch": epoch, "lr": lr, "loss": stats.loss, "settings": settings.to_dict(),
         "train_robust": stats.train_robust, "validation": current.to_dict(), **notes,
-        "within_budget": within, "train_s": fitted - began,
+        "within_budget": within, "refused": refused,
+        "gain": candidate.validation.worst_robust - base.worst_robust,
+        "noise": noise(candidate.validation, base),
+        "train_s": fitted - began,
         "validate_s": time.perf_counter() - fitted,
     })
     run.epoch = epoch
     report(HardenProgress("trained", epoch, config.epochs, loss=stats.loss,
                           worst_class=current.worst_class, worst_robust=current.worst_robust))
+
+
+def _judge_epoch(epoch: int, module: nn.Module, scheme: Scheme, run: RunState,
+                 assess: Assess) -> tuple[Candidate, Validation, dict[str, Any]]:
+    """The epoch's candidate, the figures the scheme learns from, and the notes for its record:
+    the moving average of the weights when it is on, else the module's own weights or the
+    scheme's average of them (cfa)."""
+    if run.ema:
+        current = _judge_state(module, run.ema, assess)
+        return Candidate(epoch, _clone(run.ema), current), current, {"ema": True}
+    current = assess()
+    notes = scheme.hand_back(module, current.worst_robust)
+    averaged = notes.pop("averaged", None)
+    candidate = Candidate(epoch, _clone(module.state_dict()), current)
+    if averaged is not None:  # the scheme hands back averaged weights: they are the candidate
+        candidate = Candidate(epoch, _clone(averaged), _judge_state(module, averaged, assess))
+        notes["averaged_validation"] = candidate.validation.to_dict()
+    return candidate, current, notes
 
 
 def _diverged(config: HardenConfig, loaded: LoadedModel, run: RunState, val: Split,
@@ -267,13 +293,13 @@ def _diverged(config: HardenConfig, loaded: LoadedModel, run: RunState, val: Spl
                       f"to {config.out}")
 
 
-def _validate_state(module: nn.Module, state: dict[str, torch.Tensor], val: Split,
-                    sc: ScanConfig) -> Validation:
-    """Validate other weights in ``module``, then put its own back."""
+def _judge_state(module: nn.Module, state: dict[str, torch.Tensor],
+                 assess: Assess) -> Validation:
+    """Judge other weights in ``module``, then put its own back."""
     own = _clone(module.state_dict())
     module.load_state_dict(state)
     try:
-        return validate(module, val, sc)
+        return assess()
     finally:
         module.load_state_dict(own)
 
@@ -288,15 +314,9 @@ def _epoch_seconds(run: RunState) -> dict[str, float]:
 def _warnings(config: HardenConfig, run: RunState) -> list[str]:
     """What a user should know about a run that changed less than asked."""
     found = []
-    b, base = run.budget, run.history[0]["validation"]
-    lifted = run.best.validation.worst_robust > base["worst_robust"] + 1e-9
-    if config.epochs > 0 and not lifted:
-        found.append(
-            f"no epoch lifted the weakest validation class while keeping the class mean at "
-            f"{b.mean_floor:.1%} or more and clean accuracy at {b.clean_floor:.1%} or more "
-            "(--max-mean-drop, --max-clean-drop): the input model is kept; more --epochs, "
-            "another --lr or a larger budget may find one"
-        )
+    if config.epochs > 0 and run.best.epoch == 0:
+        found.append(f"the input model is kept: {_why_kept(run)}; more --epochs, another --lr "
+                     "or a larger budget may find one")
         if config.reweight == "cfa":
             found.append(
                 "cfa gives the least robust classes the smallest eps (its calibrated margin) and "
@@ -311,6 +331,20 @@ def _warnings(config: HardenConfig, run: RunState) -> list[str]:
             "averaging (FAWA) never started; each epoch's own weights were judged"
         )
     return found
+
+
+def _why_kept(run: RunState) -> str:
+    """Why no epoch displaced the input model: each epoch's refusal, or its gain against the
+    noise."""
+    reasons = []
+    for h in run.history[1:]:
+        if h.get("refused"):
+            reasons.append(f"epoch {h['epoch']}: {'; '.join(h['refused'])}")
+        else:
+            reasons.append(f"epoch {h['epoch']}: worst class {h['gain'] * 100:+.1f} pp, not "
+                           f"beyond the noise ({h['noise'] * 100:.1f} pp)")
+    return "no epoch lifted the weakest validation class beyond the noise within the budget " \
+        f"({'; '.join(reasons) or 'no epoch ran'})"
 
 
 def _save(config: HardenConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -405,14 +439,17 @@ def to_dict(result: HardenResult) -> dict[str, Any]:
 
 
 def _class_changes(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per class, both scans' figures, the gated figure's interval and the gate's verdict."""
     classes = []
     for b, a in zip(before["classes"], after["classes"], strict=True):
         classes.append({
             "name": b["name"], "n": b["n"],
-            "before": {"clean": b["clean"]["acc"],
-                       "robust": {k: v["acc"] for k, v in b["robust"].items()}},
-            "after": {"clean": a["clean"]["acc"],
-                      "robust": {k: v["acc"] for k, v in a["robust"].items()}},
+            "before": _class_side(b), "after": _class_side(a),
             "passed": a["verdict"]["passed"],
         })
     return classes
+
+
+def _class_side(c: dict[str, Any]) -> dict[str, Any]:
+    return {"clean": c["clean"]["acc"], "robust": {k: v["acc"] for k, v in c["robust"].items()},
+            "ci95": c["robust"].get("worst", {}).get("ci95"), "verdict": c["verdict"]["status"]}

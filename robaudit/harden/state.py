@@ -1,15 +1,19 @@
 """What a harden run carries from epoch to epoch, and the rule that picks the kept epoch.
 
-**The budget.** The input model's validation figures (epoch 0) set two floors: class-mean PGD
-robust accuracy at most ``max_mean_drop`` below the input model's, clean accuracy at most
-``max_clean_drop`` below it. Among the epochs within both (the input model always is), the kept
-one has the highest worst-class PGD robust accuracy on the validation set (ties: the higher class
-mean, then the earlier epoch). When no epoch within the budget lifts the worst class above the
-input model's, the input model is kept (a higher class mean alone does not displace it).
+**The budget.** The input model's validation figures (epoch 0, judged as the gate judges: the
+worst case over the scan's attacks) set three conditions: class-mean robust accuracy at most
+``max_mean_drop`` below the input model's, clean accuracy at most ``max_clean_drop`` below it,
+and every class that passed the gate's policy on the validation set still passes it. Among the
+epochs that meet all three (the input model always does), the kept one has the highest
+worst-class robust accuracy, **counted only beyond the noise**: an epoch displaces the input model
+only when its worst class is higher by more than one standard error of the difference (see
+:func:`noise`); between epochs, a gain within the noise goes to the higher class mean. When no
+epoch qualifies, the input model is kept and the reports say why each epoch was refused.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,41 +22,73 @@ import torch
 from robaudit.harden.train import Validation
 
 #: The rule by which the kept checkpoint is chosen, as reports state it.
-CRITERION = ("highest worst-class PGD robust accuracy on the validation set, among the epochs "
-             "whose class-mean robust and clean accuracy stay within the budget")
+CRITERION = ("highest worst-class robust accuracy (the gate's worst case) on the validation set, "
+             "beyond one standard error of the gain, among the epochs whose class-mean robust "
+             "and clean accuracy stay within the budget and that fail no class the input model "
+             "passed")
 #: Figures are fractions of whole examples: a difference below this is rounding.
 TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
 class Budget:
-    """The floors an epoch must stay above to be kept."""
+    """The conditions an epoch must meet to be kept."""
 
     max_mean_drop: float
     max_clean_drop: float
     mean_floor: float
     clean_floor: float
+    #: Classes (by name) that passed the gate's policy on the validation set before training.
+    keep_passing: list[str] = field(default_factory=list)
 
     @classmethod
-    def around(cls, base: Validation, max_mean_drop: float, max_clean_drop: float) -> Budget:
+    def around(cls, base: Validation, max_mean_drop: float, max_clean_drop: float,
+               class_names: list[str] | None = None) -> Budget:
+        names = class_names or []
+        passing = [n for n, ok in zip(names, base.passed, strict=False) if ok]
         return cls(max_mean_drop, max_clean_drop, base.mean_robust - max_mean_drop,
-                   base.clean_acc - max_clean_drop)
+                   base.clean_acc - max_clean_drop, passing)
 
-    def admits(self, v: Validation) -> bool:
-        return (v.mean_robust >= self.mean_floor - TOLERANCE
-                and v.clean_acc >= self.clean_floor - TOLERANCE)
+    def refusals(self, v: Validation, class_names: list[str] | None = None) -> list[str]:
+        """Why ``v`` is out of the budget (empty when it is within)."""
+        why = []
+        if v.mean_robust < self.mean_floor - TOLERANCE:
+            why.append(f"class mean {v.mean_robust:.1%} < {self.mean_floor:.1%}")
+        if v.clean_acc < self.clean_floor - TOLERANCE:
+            why.append(f"clean {v.clean_acc:.1%} < {self.clean_floor:.1%}")
+        if class_names and v.verdicts:
+            status = dict(zip(class_names, v.verdicts, strict=True))
+            lost = [n for n in self.keep_passing if status.get(n) != "passed"]
+            if lost:
+                why.append(f"fails {', '.join(lost)}, which passed before")
+        return why
 
-    def to_dict(self) -> dict[str, float]:
+    def admits(self, v: Validation, class_names: list[str] | None = None) -> bool:
+        return not self.refusals(v, class_names)
+
+    def to_dict(self) -> dict[str, Any]:
         return {"max_mean_drop": self.max_mean_drop, "max_clean_drop": self.max_clean_drop,
-                "mean_floor": self.mean_floor, "clean_floor": self.clean_floor}
+                "mean_floor": self.mean_floor, "clean_floor": self.clean_floor,
+                "keep_passing": list(self.keep_passing)}
+
+
+def noise(a: Validation, b: Validation) -> float:
+    """One standard error of the difference between the worst classes of ``a`` and ``b``
+    (their examples counted apart; zero when the counts are unknown)."""
+    if not (a.n and b.n):
+        return 0.0
+    return math.hypot(a.class_se(a.worst_index), b.class_se(b.worst_index))
 
 
 def better(a: Validation, b: Validation, *, b_is_input: bool = False) -> bool:
-    """Whether ``a`` lifts the worst class above ``b`` (ties: a higher class mean, except
-    against the input model, which only a higher worst class displaces)."""
-    if abs(a.worst_robust - b.worst_robust) > TOLERANCE:
-        return a.worst_robust > b.worst_robust
-    return not b_is_input and a.mean_robust > b.mean_robust + TOLERANCE
+    """Whether ``a`` lifts the worst class above ``b`` by more than the noise (within the
+    noise, a higher class mean at a worst class no lower, except against the input model,
+    which only a gain beyond the noise displaces)."""
+    gain = a.worst_robust - b.worst_robust
+    if gain > noise(a, b) + TOLERANCE:
+        return True
+    return (not b_is_input and gain > -TOLERANCE
+            and a.mean_robust > b.mean_robust + TOLERANCE)
 
 
 @dataclass
@@ -73,13 +109,17 @@ class RunState:
     best: Candidate
     #: One plain-data record per epoch (epoch 0: the input model), as the report shows them.
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: The validation set's class names (the budget names the classes that must keep passing).
+    class_names: list[str] = field(default_factory=list)
+    #: The moving average of the weights (empty when off); each epoch hands it back.
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def offer(self, candidate: Candidate) -> bool:
         """Keep ``candidate`` if the budget admits it and it beats the best so far; says
         whether the budget admitted it."""
-        within = self.budget.admits(candidate.validation)
+        within = self.budget.admits(candidate.validation, self.class_names)
         if within and better(candidate.validation, self.best.validation,
-                                  b_is_input=self.best.epoch == 0):
+                             b_is_input=self.best.epoch == 0):
             self.best = candidate
         return within
 
@@ -91,7 +131,7 @@ class RunState:
         return {"epoch": self.epoch, "budget": self.budget.to_dict(),
                 "best": {"epoch": self.best.epoch, "state": self.best.state,
                          "validation": self.best.validation.to_dict()},
-                "history": self.history}
+                "history": self.history, "class_names": self.class_names, "ema": self.ema}
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> RunState:
@@ -99,4 +139,4 @@ class RunState:
         return cls(int(state["epoch"]), Budget(**state["budget"]),
                    Candidate(int(best["epoch"]), best["state"],
                              Validation.from_dict(best["validation"])),
-                   list(state["history"]))
+                   list(state["history"]), list(state["class_names"]), state["ema"])

@@ -1,4 +1,5 @@
-"""One epoch of class-weighted adversarial fine-tuning, and the per-epoch validation scan.
+"""One epoch of class-weighted adversarial fine-tuning, and the scan's PGD on held data (what
+calibration's trials measure; the epochs themselves are judged by robaudit.harden.judge).
 
 Training examples come from PGD run to the last iterate (no early stop: training wants the
 strongest example in the ball, where an audit only wants to know whether one breaks), each
@@ -18,8 +19,9 @@ by (seed, epoch), so an epoch's result depends only on the state it starts from.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,8 +36,8 @@ from robaudit.attacks.stream import BatchAudit, audit_batch
 from robaudit.config import ScanConfig
 from robaudit.data import iter_batches, load_data, select_indices
 from robaudit.errors import UsageError
-from robaudit.harden.reweight import ClassSettings
-from robaudit.metrics import Records, class_stats, summarize
+from robaudit.harden.reweight import ClassSettings, average_into
+from robaudit.metrics import Records, class_stats, summarize, wilson_interval
 from robaudit.portfolio import attack_settings
 
 
@@ -127,8 +129,11 @@ def train_epoch(
     seed: int,
     epoch: int,
     on_batch: Callable[[int, int, float], None] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
+    ema_decay: float = 0.0,
 ) -> EpochStats:
-    """Fine-tune ``module`` for one epoch on ``data`` with the classes' settings."""
+    """Fine-tune ``module`` for one epoch on ``data`` with the classes' settings; ``ema``, when
+    given, follows the weights after every step (``ema ← decay·ema + (1 − decay)·θ``)."""
     device = data.x.device
     nat, bndy, eps, beta = (torch.tensor(v, device=device) for v in (
         settings.nat_weight, settings.bndy_weight, settings.eps, settings.beta))
@@ -150,20 +155,13 @@ def train_epoch(
             x_adv = make_adversarial(module, x, y, eps[y], steps, objective, starts)
             module.train()
             adv_logits = module(x_adv)
-            if objective == "trades":
-                clean_logits = module(x)
-                kl = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(clean_logits, dim=1),
-                              reduction="none").sum(dim=1)
-                ce = F.cross_entropy(clean_logits, y, reduction="none")
-                per_example = (nat[y] * ce + beta[y] * bndy[y] * kl) / (1 + beta[y])
-                loss = per_example.sum() / ((nat[y] + bndy[y]) / 2).sum()
-            else:
-                w = (nat[y] + bndy[y]) / 2
-                loss = (w * F.cross_entropy(adv_logits, y, reduction="none")).sum() / w.sum()
+            loss = _weighted_loss(module, x, y, adv_logits, objective, nat[y], bndy[y], beta[y])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             _check_finite(module, loss, epoch, b + 1)
+            if ema is not None:
+                average_into(ema, module, ema_decay)
             correct += torch.bincount(y[adv_logits.detach().argmax(dim=1) == y], minlength=k)
             seen += torch.bincount(y, minlength=k)
             total += loss.detach().double() * len(y)
@@ -175,6 +173,21 @@ def train_epoch(
     robust = [c / n if n else 1.0
               for c, n in zip(correct.tolist(), seen.tolist(), strict=True)]
     return EpochStats(float(total) / max(count, 1), robust)
+
+
+def _weighted_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   adv_logits: torch.Tensor, objective: str, nat: torch.Tensor,
+                   bndy: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The batch's loss with each example's class weights (see the module's docstring)."""
+    if objective == "trades":
+        clean_logits = module(x)
+        kl = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(clean_logits, dim=1),
+                      reduction="none").sum(dim=1)
+        ce = F.cross_entropy(clean_logits, y, reduction="none")
+        per_example = (nat * ce + beta * bndy * kl) / (1 + beta)
+        return per_example.sum() / ((nat + bndy) / 2).sum()
+    w = (nat + bndy) / 2
+    return (w * F.cross_entropy(adv_logits, y, reduction="none")).sum() / w.sum()
 
 
 def _check_finite(module: nn.Module, loss: torch.Tensor, epoch: int, batch: int) -> None:
@@ -191,7 +204,12 @@ def _check_finite(module: nn.Module, loss: torch.Tensor, epoch: int, batch: int)
 
 @dataclass
 class Validation:
-    """Per-class clean and PGD robust accuracy on the validation set."""
+    """Per-class clean and robust accuracy on the validation set, and the gate's verdicts.
+
+    Harden's epochs are judged by the scan itself (robaudit.harden.judge): ``robust`` is the
+    worst case over the scan's attacks, as the gate judges it. Calibration's trials measure the
+    scan's PGD alone and leave ``n``, ``correct`` and ``verdicts`` empty.
+    """
 
     clean: list[float]
     robust: list[float]
@@ -199,16 +217,53 @@ class Validation:
     mean_robust: float
     worst_robust: float
     worst_class: str
+    #: Per class: examples, and how many stayed robust (the interval's inputs).
+    n: list[int] = field(default_factory=list)
+    correct: list[int] = field(default_factory=list)
+    #: Per class: the gate's status on the validation set (``passed``, ``flagged``, ...).
+    verdicts: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> list[bool]:
+        return [v == "passed" for v in self.verdicts]
+
+    def class_interval(self, k: int) -> tuple[float, float]:
+        """95% Wilson interval of class ``k``'s robust accuracy."""
+        return wilson_interval(self.correct[k], self.n[k]) if self.n[k] else (1.0, 1.0)
+
+    def class_se(self, k: int) -> float:
+        """Standard error of class ``k``'s robust accuracy, with one robust and one broken
+        example added (Agresti-Caffo) so that 0 of n is not taken as certain."""
+        p = (self.correct[k] + 1) / (self.n[k] + 2)
+        return math.sqrt(p * (1 - p) / (self.n[k] + 2))
+
+    @property
+    def worst_index(self) -> int:
+        return min(range(len(self.robust)), key=lambda k: self.robust[k])
+
+    def mean_interval(self) -> tuple[float, float]:
+        """95% normal interval of the class mean (classes independent)."""
+        measured = [k for k, n in enumerate(self.n) if n]
+        se = math.sqrt(sum(self.class_se(k) ** 2 for k in measured)) / max(len(self.n), 1)
+        return self.mean_robust - 1.96 * se, self.mean_robust + 1.96 * se
 
     def to_dict(self) -> dict[str, Any]:
-        return {"clean": self.clean, "robust": self.robust, "clean_acc": self.clean_acc,
-                "mean_robust": self.mean_robust, "worst_robust": self.worst_robust,
-                "worst_class": self.worst_class}
+        doc: dict[str, Any] = {
+            "clean": self.clean, "robust": self.robust, "clean_acc": self.clean_acc,
+            "mean_robust": self.mean_robust, "worst_robust": self.worst_robust,
+            "worst_class": self.worst_class}
+        if self.n:
+            doc.update(n=self.n, correct=self.correct, verdicts=self.verdicts,
+                       ci95=[list(self.class_interval(k)) for k in range(len(self.n))],
+                       mean_ci95=list(self.mean_interval()))
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Validation:
         return cls(list(doc["clean"]), list(doc["robust"]), float(doc["clean_acc"]),
-                   float(doc["mean_robust"]), float(doc["worst_robust"]), str(doc["worst_class"]))
+                   float(doc["mean_robust"]), float(doc["worst_robust"]), str(doc["worst_class"]),
+                   list(doc.get("n", [])), list(doc.get("correct", [])),
+                   list(doc.get("verdicts", [])))
 
 
 def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,

@@ -50,6 +50,8 @@ def harden_view(doc: dict[str, Any]) -> dict[str, Any]:
             "name": c["name"], "n": c["n"], "before": c["before"], "after": c["after"],
             "worst_before": b, "worst_after": a,
             "change": None if a is None or b is None else a - b,
+            "ci_before": _interval(c["before"].get("ci95")),
+            "ci_after": _interval(c["after"].get("ci95")),
             "passed_before": b_cls["verdict"]["passed"], "passed_after": a_cls["verdict"]["passed"],
         })
     rows.sort(key=lambda r: (2.0 if r["worst_before"] is None else r["worst_before"]))
@@ -82,10 +84,21 @@ def _pair(label: str, b: float | None, a: float | None, note: str) -> dict[str, 
 
 def _epoch_row(h: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any]:
     v = h.get("averaged_validation") or h["validation"]
+    worst = v["robust"].index(v["worst_robust"]) if "ci95" in v else None
     return {"epoch": h["epoch"], "clean": v["clean_acc"], "mean": v["mean_robust"],
+            "mean_ci": _interval(v.get("mean_ci95")),
             "worst": v["worst_robust"], "worst_class": v["worst_class"],
-            "averaged": "averaged_validation" in h,
+            "worst_ci": "" if worst is None else _interval(v["ci95"][worst]),
+            "gain": None if "gain" not in h else f"{h['gain'] * 100:+.1f} pp "
+                    f"(noise {h['noise'] * 100:.1f} pp)",
+            "refused": "; ".join(h.get("refused") or []),
+            "averaged": "averaged_validation" in h or bool(h.get("ema")),
             "within": bool(h.get("within_budget")), "kept": h["epoch"] == kept["epoch"]}
+
+
+def _interval(ci: list[float] | None) -> str:
+    """A 95% interval as the page prints it, e.g. ``[52%, 86%]``; empty when unknown."""
+    return "" if ci is None else f"[{ci[0] * 100:.0f}%, {ci[1] * 100:.0f}%]"
 
 
 def _change_bars(rows: list[dict[str, Any]]) -> dict[str, Any]:
