@@ -170,7 +170,8 @@ def test_report_refuses_a_file_that_is_not_a_report(tmp_path, capsys):
 
 
 def test_no_module_but_the_cli_and_terminal_imports_click_or_rich():
-    allowed = {Path("robaudit/cli.py"), Path("robaudit/reports/terminal.py")}
+    allowed = {Path("robaudit/cli.py"), Path("robaudit/options.py"),
+               Path("robaudit/reports/terminal.py")}
     root = DIGITS.parent.parent
     for path in sorted((root / "robaudit").rglob("*.py")):
         rel = path.relative_to(root)
@@ -229,3 +230,19 @@ def test_robaudit_attacks_lists_the_registry_with_traits(capsys):
     assert by_name["square"].endswith("[queries only]")
     assert by_name["dlr-t"].endswith("[gradient, scale-invariant, targeted]")
     assert by_name["fgsm"].endswith("[gradient, one step]")
+
+
+def test_hardens_options_take_their_defaults_and_choices_from_harden_config():
+    from dataclasses import fields
+
+    from robaudit.cli import harden
+    from robaudit.harden.config import OBJECTIVES, HardenConfig
+    from robaudit.harden.reweight import SCHEMES
+    from robaudit.options import HARDEN_FIELDS
+
+    defaults = {f.name: f.default for f in fields(HardenConfig)}
+    params = {p.name: p for p in harden.params}
+    for name in HARDEN_FIELDS:
+        assert params[name].default == defaults[name], name
+    assert tuple(params["reweight"].type.choices) == tuple(SCHEMES)
+    assert tuple(params["objective"].type.choices) == OBJECTIVES

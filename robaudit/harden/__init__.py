@@ -13,8 +13,21 @@ worst-class robust accuracy among those within the user's budget of class-mean a
 
 from __future__ import annotations
 
+from typing import Any
+
 from robaudit.harden.config import HardenConfig
-from robaudit.harden.run import HardenProgress, HardenResult, harden, to_dict
-from robaudit.harden.state import CRITERION
 
 __all__ = ["CRITERION", "HardenConfig", "HardenProgress", "HardenResult", "harden", "to_dict"]
+
+def __getattr__(name: str) -> Any:
+    # The run (and torch) load on first use, so that ``robaudit --help`` can list harden's
+    # options from HardenConfig without them.
+    if name == "CRITERION":
+        from robaudit.harden.state import CRITERION
+
+        return CRITERION
+    if name in ("HardenProgress", "HardenResult", "harden", "to_dict"):
+        from robaudit.harden import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'robaudit.harden' has no attribute {name!r}")

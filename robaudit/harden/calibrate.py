@@ -75,11 +75,12 @@ def calibrate(module: nn.Module, data: Split, scan: ScanConfig, max_clean_drop: 
 
 def _logits(module: nn.Module, data: Split, scan: ScanConfig,
             bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean and PGD logits of the model with ``bias``, with the bias taken off again."""
+    """Clean and adversarial logits (the scan's first attack) of the model with ``bias``, with
+    the bias taken off again."""
     clean, adv = [], []
     for _idx, _y, batch in pgd_batches(module, data, scan, bias):
         clean.append(batch.clean_logits.cpu() - bias)
-        adv.append(batch.outcomes["pgd"].logits.cpu() - bias)
+        adv.append(batch.outcomes[scan.attacks[0]].logits.cpu() - bias)
     return torch.cat(clean), torch.cat(adv)
 
 

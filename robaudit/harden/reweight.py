@@ -31,10 +31,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads when a scheme hands weights back, not when --help lists them
+    import torch
+    from torch import nn
 
 # A scheme reads its hyperparameters from the HardenConfig, typed loosely here: config.py
 # validates --reweight against SCHEMES, so this module must not import it.
@@ -186,6 +187,8 @@ class CFA(Scheme):
     def hand_back(self, module: nn.Module, worst_robust: float) -> dict[str, Any]:
         joined = worst_robust >= self.state["threshold"][0]
         if joined:
+            import torch
+
             with torch.no_grad():
                 if not self.average:
                     self.average = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -217,6 +220,8 @@ def make_scheme(config: HardenConfig, num_classes: int) -> Scheme:
 
 def average_into(average: dict[str, torch.Tensor], module: nn.Module, decay: float) -> None:
     """``θ̄ ← decay·θ̄ + (1 − decay)·θ`` for floating-point entries (CFA's weight averaging)."""
+    import torch
+
     with torch.no_grad():
         for name, value in module.state_dict().items():
             if value.is_floating_point():

@@ -269,10 +269,11 @@ class Validation:
 def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,
                 bias: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor,
                                                                      BatchAudit]]:
-    """The scan's PGD (its ε, steps, step size, restarts, per-example seeds) over ``data`` in
-    eval mode, batch by batch: ``(index, y, audit)``. ``bias`` is added to the logits."""
+    """The scan's first attack (PGD by default: its ε, steps, step size, restarts, per-example
+    seeds) over ``data`` in eval mode, batch by batch: ``(index, y, audit)``, the outcome under
+    ``scan.attacks[0]``. ``bias`` is added to the logits."""
     model = module if bias is None else nn.Sequential(module, LogitBias(bias))
-    attack = build_attack("pgd", attack_settings(scan, scan.eps))
+    attack = build_attack(scan.attacks[0], attack_settings(scan, scan.eps))
     was_training = module.training
     module.eval()
     try:
@@ -289,27 +290,28 @@ def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,
 
 def validate(module: nn.Module, data: Split, scan: ScanConfig,
              bias: torch.Tensor | None = None) -> Validation:
-    """The scan's PGD (its ε, steps, step size, restarts, per-example seeds) on ``data``.
+    """The scan's first attack (see :func:`pgd_batches`) on ``data``.
 
     ``bias``, when given, is added to the logits (the calibration layer under trial).
     """
-    records = Records(attack_names=["pgd"])
+    name = scan.attacks[0]
+    records = Records(attack_names=[name])
     for idx, y, batch in pgd_batches(module, data, scan, bias):
-        outcome = batch.outcomes["pgd"]
+        outcome = batch.outcomes[name]
         records.index.append(idx.numpy())
         records.y.append(y.cpu().numpy())
         records.clean_pred.append(batch.clean_logits.argmax(dim=1).cpu().numpy())
         records.clean_margin.append(margin(batch.clean_logits, y).cpu().numpy())
-        records.adv_pred.setdefault("pgd", []).append(outcome.pred.cpu().numpy())
-        records.adv_margin.setdefault("pgd", []).append(outcome.margin(y).cpu().numpy())
-        records.forwards.setdefault("pgd", []).append(outcome.forwards.cpu().numpy())
-        records.bad_gradient.setdefault("pgd", []).append(outcome.bad_gradient.cpu().numpy())
+        records.adv_pred.setdefault(name, []).append(outcome.pred.cpu().numpy())
+        records.adv_margin.setdefault(name, []).append(outcome.margin(y).cpu().numpy())
+        records.forwards.setdefault(name, []).append(outcome.forwards.cpu().numpy())
+        records.bad_gradient.setdefault(name, []).append(outcome.bad_gradient.cpu().numpy())
     stats = class_stats(records, data.class_names)
     summary = summarize(records, stats)
     # A class without validation examples has nothing to fix: it counts as fully robust.
     clean = [s.clean.acc if s.n else 1.0 for s in stats]
-    robust = [s.robust["pgd"].acc if s.n else 1.0 for s in stats]
-    return Validation(clean, robust, summary.clean_acc, summary.mean_class_robust["pgd"],
+    robust = [s.robust[name].acc if s.n else 1.0 for s in stats]
+    return Validation(clean, robust, summary.clean_acc, summary.mean_class_robust[name],
                       summary.worst_class_robust, summary.worst_class)
 
 
