@@ -333,7 +333,7 @@ def _exit_now(code: int) -> NoReturn:
 
     After Ctrl-C or SIGTERM the reports are written and someone is waiting for the exit; tearing
     down the modules torch, onnx and onnxruntime import takes a second of CPU, five to seven
-    seconds of wall time on a loaded 2-core machine (benchmarks/RESULTS.md, issue 14). Nothing
+    seconds of wall time on a loaded 2-core machine (benchmarks/RESULTS.md). Nothing
     is left to clean up: reports are renamed into place as they are written; only buffered
     output needs flushing.
     """

@@ -400,7 +400,8 @@ class TerminalReporter:
         if holdout:
             self.console.print(Text(
                 f"validation: {holdout['held_out']} examples held out of the training data "
-                f"({holdout['fraction']:.0%} of each class, seed {holdout['seed']}), never "
+                f"({holdout['fraction']:.0%} of each class{_at_least(holdout)}, seed "
+                f"{holdout['seed']}), never "
                 f"trained on; before/after scans on them: {holdout['file']}"))
         kept = doc["kept"]
         budget, val = kept["budget"], kept["validation"]
@@ -418,3 +419,9 @@ def _status(verdict: dict[str, Any]) -> str:
     """The verdict column: passed, FLAGGED or UNRELIABLE (signs of masking remain)."""
     status = verdict.get("status") or ("passed" if verdict["passed"] else "flagged")
     return status if status == "passed" else status.upper()
+
+
+def _at_least(holdout: dict[str, Any]) -> str:
+    """The hold-out's floor per class, which the budget sets (none when it could not)."""
+    minimum = holdout.get("minimum_per_class") or 0
+    return f", at least {minimum} (up to half)" if 0 < minimum < 2**31 - 1 else ""
