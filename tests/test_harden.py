@@ -200,12 +200,12 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
     killed = tmp_path / "killed.pt2"
     proc = subprocess.Popen(
         [sys.executable, "-m", "robaudit", *harden_args("model.pt2", killed, *args, "-v")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "2"},
     )
-    assert proc.stderr is not None
+    assert proc.stdout is not None
     deadline = time.monotonic() + 120
-    for line in proc.stderr:  # -v off a TTY logs a line per training batch
+    for line in proc.stdout:  # -v off a TTY logs a line per training batch
         if "training epoch 2/3 batch 1/" in line or time.monotonic() > deadline:
             break
     proc.send_signal(signal.SIGKILL)

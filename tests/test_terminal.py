@@ -293,8 +293,9 @@ def test_harden_in_a_ci_log_prints_a_line_per_stage_and_epoch(capsys):
         with TerminalReporter(verbosity).harden_progress() as progress:
             for event in events:
                 progress(event)
-        err = capsys.readouterr().err.splitlines()
-        assert len(err) == lines, err
+        captured = capsys.readouterr()
+        out = captured.out.splitlines()
+        assert len(out) == lines and captured.err == "", out
         if verbosity == 0:
-            assert err[-1] == "robaudit: trained epoch 1/2 loss 0.700 worst class 8 25.0%"
-            assert not any("batch" in line for line in err)
+            assert out[-1] == "robaudit: trained epoch 1/2 loss 0.700 worst class 8 25.0%"
+            assert not any("batch" in line for line in out)

@@ -354,7 +354,8 @@ class TerminalReporter:
             parts.append(f"loss {event.loss:.3f}")
         if event.worst_class is not None:
             parts.append(f"worst class {shown(event.worst_class)} {_pct(event.worst_robust)}")
-        self.errors.print(" ".join(parts), soft_wrap=True)
+        # On stdout, where the run's report follows: stderr keeps warnings and the one error line.
+        self.console.print(Text(" ".join(parts)), soft_wrap=True)
 
     def render_harden(self, doc: dict[str, Any]) -> None:
         """A harden report: the scan of the hardened model, then the per-class before/after
