@@ -4,6 +4,9 @@ model), then the scan's sequential mode through the real CLI on the bundled exam
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +200,29 @@ def test_what_a_sequential_scan_cannot_decide_is_refused_in_one_line(
     assert code == ExitCode.USAGE_ERROR
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_two_gloo_ranks_give_one_processs_sequential_report(tmp_path: Path) -> None:
+    # Each round's examples are sharded and gathered: the same rounds, decisions and figures.
+    common = ["scan", str(DIGITS / "model.onnx"), "--data", str(DIGITS / "test.npz"),
+              "--config", str(DIGITS / "robaudit.toml"), "--steps", "3", "--per-class", "30",
+              "--batch-size", "32", "--sequential", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    single = subprocess.run([sys.executable, "-m", "robaudit", *common, "--json", str(one)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == ExitCode.FLAGGED, single.stderr
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", "2", "-m", "robaudit", *common, "--json",
+                            str(two)], env=env, capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == ExitCode.FLAGGED, ranks.stderr[-3000:]
+    docs = [read_json(one), read_json(two)]
+    for doc in docs:
+        for key in ("timings", "created", "environment"):
+            del doc[key]
+        del doc["config"]["json"]  # the two reports' paths
+    assert docs[0] == docs[1]
+    seq = docs[1]["sequential"]
+    assert (seq["rounds"], seq["attacked"], seq["of"]) == (4, 152, 293)
+    assert docs[1]["verdict"]["flagged"] == ["8", "9"]
+    assert ranks.stdout.count("flagged") == 1  # rank 0 alone prints
