@@ -219,14 +219,14 @@ def _sequential(run: _Run) -> None:
     next examples (robaudit/rounds.py); the figures and escalation's findings of all rounds."""
     config, loaded = run.config, run.loaded
     names = loaded.source.class_names
-    clean = _part(run, loaded.indices, attack=False)
+    clean = _part(run, loaded.indices)
     if clean is None:
         return
     baseline = loaded.baseline.robust.get(config.gate_on) if loaded.baseline else None
-    run.plan = rounds.plan(clean, names, config.gate_policy(), baseline, config.confidence,
-                           config.seed)
+    run.plan = plan = rounds.plan(clean, names, config.gate_policy(), baseline,
+                                  config.confidence, config.seed)
     order = [*config.attacks, *config.finish, *ESCALATION]
-    run.records = [rounds.drive(run.plan, lambda chosen: _part(run, chosen), order)]
+    run.records = [rounds.drive(plan, lambda chosen: _part(run, chosen, plan.rounds + 1), order)]
     if run.audited:
         gate = run.records[0]
         signs = class_signs(gate, names, [item["check"] for item in run.sanity], mode=config.mode)
@@ -234,11 +234,13 @@ def _sequential(run: _Run) -> None:
             gate, names, signs, config.escalate))
 
 
-def _part(run: _Run, indices: np.ndarray, attack: bool = True) -> Records | None:
-    """The stages on ``indices`` alone (the clean pass only unless ``attack``), as a run of its
-    own on the same engines; its records, None if it was interrupted or failed."""
+def _part(run: _Run, indices: np.ndarray, round_: int = 0) -> Records | None:
+    """The stages on ``indices`` alone (round 0: the clean pass only), as a run of its own on
+    the same engines; its records, None if it was interrupted or failed."""
+    attack = round_ > 0
     sets = run.loaded.attack_sets if attack else [[] for _ in run.loaded.eps_list]
-    part = _Run(run.config, replace(run.loaded, indices=indices, attack_sets=sets), run.report,
+    part = _Run(run.config, replace(run.loaded, indices=indices, attack_sets=sets),
+                rounds.labelled(run.report, round_),
                 run.pool, [Records(attack_names=list(run.config.attacks) if attack else [])])
     _run_stages(part, None if attack else (_stream, _share))
     run.warnings += [w for w in part.warnings if w not in run.warnings]

@@ -186,6 +186,14 @@ def combine(parts: Sequence[Records], order: Sequence[str]) -> Records:
     return total
 
 
+def labelled(report: Callable[[Any], None], round_: int) -> Callable[[Any], None]:
+    """``report`` with the round in each progress line (round 0: the clean pass), so that a CI
+    log shows how far the rounds got."""
+    if round_ == 0:
+        return lambda p: report(replace(p, stage="clean pass"))
+    return lambda p: report(replace(p, stage=f"{p.stage} (round {round_})"))
+
+
 def drive(plan_: Plan, run_round: Callable[[np.ndarray], Records | None],
           order: Sequence[str]) -> Records:
     """Rounds until every class is decided or has no examples left; ``run_round`` attacks a

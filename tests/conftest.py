@@ -68,8 +68,10 @@ class Interrupted:
 HANG_S = 900
 
 
-def interrupt_scan(args: list[str], sig: signal.Signals, cwd: Path) -> Interrupted:
-    """Run ``python -m robaudit ARGS -v`` and send ``sig`` once it reports attacked examples.
+def interrupt_scan(args: list[str], sig: signal.Signals, cwd: Path,
+                   after: str = "robaudit: attacking ") -> Interrupted:
+    """Run ``python -m robaudit ARGS -v`` and send ``sig`` once it reports attacked examples
+    (its first progress line that starts with ``after``).
 
     Off a TTY, -v logs a progress line whenever examples finish, so the signal arrives while the
     scan attacks however slow the machine is: no deadline decides when to send it.
@@ -86,7 +88,7 @@ def interrupt_scan(args: list[str], sig: signal.Signals, cwd: Path) -> Interrupt
         def read(stream: IO[str]) -> None:
             for line in stream:  # drained to the end: a full pipe would stall the scan
                 lines.append(line)
-                if line.startswith("robaudit: attacking "):
+                if line.startswith(after):
                     attacking.set()
             attacking.set()  # the scan ended without attacking: the asserts will say so
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import DIGITS
+from conftest import DIGITS, interrupt_scan
 
 from robaudit.cli import main
 from robaudit.errors import ExitCode
@@ -226,3 +227,33 @@ def test_two_gloo_ranks_give_one_processs_sequential_report(tmp_path: Path) -> N
     assert (seq["rounds"], seq["attacked"], seq["of"]) == (4, 152, 293)
     assert docs[1]["verdict"]["flagged"] == ["8", "9"]
     assert ranks.stdout.count("flagged") == 1  # rank 0 alone prints
+
+
+def test_ctrl_c_in_a_round_keeps_the_rounds_before_it_and_their_decisions(tmp_path: Path) -> None:
+    # 200 steps in batches of 8: round 2 takes seconds, so the signal sent on its first progress
+    # line lands inside it. An unfinished round decides nothing and is left out of the figures.
+    report = tmp_path / "r.json"
+    run = interrupt_scan(["scan", str(DIGITS / "model.pt2"), "--data", str(DIGITS / "test.npz"),
+                          "--device", "cpu", "--eps", "0.2", "--attacks", "pgd", "--finish",
+                          "none", "--steps", "200", "--batch-size", "8", "--per-class", "20",
+                          "--min-class-robust", "0.4", "--sequential", "--json", str(report)],
+                         signal.SIGINT, tmp_path, after="robaudit: attacking (round 2) ")
+    assert run.code == ExitCode.INTERRUPTED, run.err
+    assert "Traceback" not in run.err
+    assert "robaudit: clean pass 200/200" in run.err
+    doc = read_json(report)
+    assert doc["partial"] is True and doc["verdict"]["exit_code"] == ExitCode.INTERRUPTED
+    assert doc["sequential"]["rounds"] == 1
+    states = {c["name"]: c["sequential"] for c in doc["classes"]}
+    # Round 1 (8 of each class) decided four classes; their decisions stand as it made them.
+    assert {k: s["decided"] for k, s in states.items() if s["decided"]} == dict.fromkeys(
+        ["2", "5", "6", "7"], "above")
+    for name, s in states.items():
+        assert s["attacked"] == 8 and len(s["history"]) == 1, name  # round 2 left out
+        assert s["round"] == (1 if s["decided"] else None), name
+        if s["decided"]:
+            assert s["interval"][0] >= 0.4
+        else:
+            assert s["interval"][0] < 0.4 <= s["interval"][1]
+    assert "class 2: above its threshold, decided after 8 of 20 in round 1" in run.out
+    assert "interrupted: partial results" in run.out
