@@ -27,6 +27,8 @@ from robaudit.sequential import (
     round_order,
 )
 
+pytest_plugins = ["pytester"]
+
 
 def _population(size: int, robust: int, rng: np.random.Generator) -> np.ndarray:
     pop = np.zeros(size, dtype=bool)
@@ -257,3 +259,39 @@ def test_ctrl_c_in_a_round_keeps_the_rounds_before_it_and_their_decisions(tmp_pa
             assert s["interval"][0] < 0.4 <= s["interval"][1]
     assert "class 2: above its threshold, decided after 8 of 20 in round 1" in run.out
     assert "interrupted: partial results" in run.out
+
+
+# The floor goes to scan() too: it is what each class's sequence decides against.
+PLUGIN_TESTS = f"""
+import pytest
+
+MODEL = {str(DIGITS / "model.pt2")!r}
+DATA = {str(DIGITS / "test.npz")!r}
+FAST = dict(eps=0.2, attacks="pgd", finish="none", steps=3, per_class=20, runtime_check=False,
+            device="cpu")
+
+
+@pytest.mark.parametrize("floor", [0.1, 0.5])
+def test_floor(robaudit, floor):
+    full = robaudit.scan(MODEL, data=DATA, min_class_robust=floor, **FAST)
+    audit = robaudit.scan(MODEL, data=DATA, min_class_robust=floor, sequential=True, **FAST)
+    assert audit.flagged == full.flagged
+    assert audit.doc["sequential"]["attacked"] < audit.doc["sequential"]["of"] == 198
+    audit.assert_passes(min_class_robust=floor)
+"""
+
+
+def test_the_pytest_plugins_sequential_keyword_gives_the_full_scans_outcome(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One subprocess, as a user runs it (torch cannot register its operators twice in one).
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    pytester.makepyfile(test_user=PLUGIN_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*robaudit: 2 of 10 classes failed the robustness policy*",
+        "*  8: robust accuracy *% is below the floor 50.0%",
+        "*  9: robust accuracy *% is below the floor 50.0%",
+        "test_user.py:15: Failed",  # assert_passes, after the same flagged classes as in full
+        "FAILED test_user.py::test_floor[0.5]*",
+    ])
