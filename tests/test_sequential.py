@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from conftest import DIGITS, interrupt_scan
 
 from robaudit.cli import main
 from robaudit.errors import ExitCode
+from robaudit.reports.html import render_html
 from robaudit.reports.schema import read_json
 from robaudit.sequential import (
     ABOVE,
@@ -295,3 +297,30 @@ def test_the_pytest_plugins_sequential_keyword_gives_the_full_scans_outcome(
         "test_user.py:15: Failed",  # assert_passes, after the same flagged classes as in full
         "FAILED test_user.py::test_floor?0.5? - *",  # (fnmatch reads [] as a set)
     ])
+
+
+def _narrowing_svg(html: str) -> ET.Element:
+    start = html.index('<svg class="chart narrowing"')
+    return ET.fromstring(html[start:html.index("</svg>", start) + len("</svg>")])
+
+
+def test_the_html_draws_how_the_weakest_classes_intervals_narrowed(scans: Any) -> None:
+    _, doc = scans["sequential"]
+    svg = _narrowing_svg(render_html(doc))
+    groups = [g for g in svg.iter("g") if g.find("path") is not None]
+    # The four weakest, weakest first; each outline runs through every round's upper end and
+    # back through its lower ends (8 and 1 were decided in 3 rounds, 9 and 3 in 4).
+    assert [g.findtext("title") for g in groups] == [
+        "8: below after 18 of 28", "9: below after 27 of 28", "1: above after 27 of 30",
+        "3: above after 18 of 29"]
+    vertices = [len(g.find("path").get("d", "").split("L")) for g in groups]  # type: ignore[union-attr]
+    assert vertices == [6, 8, 8, 6]
+    rounds = [[line.findtext("title") for line in g.iter("line")] for g in groups]
+    assert [len(r) for r in rounds] == [3, 4, 4, 3]
+    assert rounds[0][-1] == "8, round 3: 13.3%–43.3% after 18 of 28 attacked"
+    # One threshold, the floor of 0.5: half way down the plot (y from 14 to 280).
+    thresholds = [line for line in svg.iter("line") if line.get("class") == "threshold"]
+    assert [(t.get("y1"), t.findtext("title")) for t in thresholds] == [
+        ("147.0", "threshold 50.0%: 8, 9, 1, 3")]
+    # A full scan has no rounds to draw.
+    assert '<svg class="chart narrowing"' not in render_html(scans["full"][1])

@@ -21,7 +21,17 @@ from markupsafe import Markup
 
 from robaudit.reports import atomic_write
 from robaudit.reports.baseline_view import baseline_view
-from robaudit.reports.html_charts import FULL, TOP_K, WORST, bars, gains, heatmaps, pct, sweep
+from robaudit.reports.html_charts import (
+    FULL,
+    TOP_K,
+    WORST,
+    bars,
+    gains,
+    heatmaps,
+    narrowing,
+    pct,
+    sweep,
+)
 
 GALLERY_PER_CLASS = 8
 #: Bytes of gallery images at most: keeps a 1000-class page well under 5 MB.
@@ -132,7 +142,8 @@ def build_view(doc: dict[str, Any]) -> dict[str, Any]:
         "gains": gains(doc, present),
         "gallery": _gallery(doc, weakest_first),
         "baseline": baseline_view(doc, on),
-        "sequential": _sequential(doc, weakest_first),
+        "sequential": _sequential(doc),
+        "narrowing": narrowing(doc, weakest_first, on),
     }
 
 
@@ -173,9 +184,9 @@ def _policy(gate: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _sequential(doc: dict[str, Any], weakest_first: list[dict[str, Any]]) -> list[str]:
-    """A sequential scan in words: what it attacked, each class decided early, and how the
-    weakest classes' intervals narrowed round by round."""
+def _sequential(doc: dict[str, Any]) -> list[str]:
+    """A sequential scan in words: what it attacked and each class decided early (how the
+    weakest classes' intervals narrowed is a chart)."""
     s = doc.get("sequential")
     if not s:
         return []
@@ -187,11 +198,6 @@ def _sequential(doc: dict[str, Any], weakest_first: list[dict[str, Any]]) -> lis
         if mine and mine["decided"] and not mine["exhausted"]:
             lines.append(f"class {c['name']}: {mine['decided']} its threshold, decided after "
                          f"{mine['attacked']} of {mine['of']}")
-    for c in weakest_first[:3]:
-        history = (by_name.get(c["name"]) or {}).get("history") or []
-        steps = " → ".join(f"{pct(lo)}–{pct(hi)} ({n})" for n, lo, hi in history)
-        if steps:
-            lines.append(f"class {c['name']} narrowed: {steps}")
     return lines
 
 

@@ -17,6 +17,8 @@ FULL = 30
 #: Beyond ``FULL``, the charts expand the ``TOP_K`` least robust classes (ImageNet has 1000).
 TOP_K = 20
 SWEEP_LINES = 10
+#: A sequential scan's narrowing chart shows this many of the weakest classes' intervals.
+NARROWING_LINES = 4
 # Colour-blind-safe categorical colours (Tableau 10); clean is grey, worst case dark slate.
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7",
            "#9c755f", "#e15759", "#bab0ac")
@@ -318,3 +320,70 @@ def gains(doc: dict[str, Any], present: list[dict[str, Any]]) -> dict[str, Any] 
         "half_x": round(left + step * math.ceil(half / size), 1), "half": half,
         "labels": labels, "rotate": rotate, "scale": scale, "negative": has_negative,
     }
+
+
+def narrowing(doc: dict[str, Any], weakest_first: list[dict[str, Any]],
+              on: str) -> dict[str, Any] | None:
+    """A sequential scan's weakest classes: the interval on each one's robust accuracy after
+    every round, against the examples attacked, with the threshold it was decided against."""
+    states = {c["name"]: c.get("sequential") or {} for c in doc["classes"]}
+    chosen = [c for c in weakest_first if states[c["name"]].get("history")][:NARROWING_LINES]
+    if not chosen:
+        return None
+    width, left, right, top, bottom = 1080, 46, 200, 14, 40
+    height = 320
+    plot_w, plot_h = width - left - right, height - top - bottom
+    most = max(states[c["name"]]["of"] for c in chosen) or 1
+
+    def x(attacked: float) -> float:
+        return round(left + plot_w * attacked / most, 1)
+
+    def y(v: float) -> float:
+        return round(top + plot_h * (1 - v), 1)
+
+    bands = [_band(c, states[c["name"]], PALETTE[i % len(PALETTE)], x, y)
+             for i, c in enumerate(chosen)]
+    _spread([b["end_y"] for b in bands], bands, top, top + plot_h)
+    lines: dict[float, list[str]] = {}
+    for c in chosen:
+        if (t := _threshold(doc, c["name"], on)) is not None:
+            lines.setdefault(t, []).append(c["name"])
+    attacked = sorted({a for c in chosen for a, _, _ in states[c["name"]]["history"]})
+    return {
+        "width": width, "height": height, "left": left, "right": width - right, "top": top,
+        "bottom": top + plot_h, "bands": bands,
+        "thresholds": [{"y": y(t), "label": f"threshold {pct(t)}", "title":
+                        f"threshold {pct(t)}: {', '.join(names)}"} for t, names in lines.items()],
+        "ticks_y": [{"y": y(t / 4), "label": f"{t * 25}%"} for t in range(5)],
+        "ticks_x": [{"x": x(a), "label": str(a)} for a in [0, *attacked]],
+    }
+
+
+def _band(c: dict[str, Any], state: dict[str, Any], colour: str, x: Callable[[float], float],
+          y: Callable[[float], float]) -> dict[str, Any]:
+    """One class's intervals as a closed outline: the upper ends left to right, then the lower
+    ends back; a round's whisker carries its figures."""
+    history = state["history"]
+    upper = [f"{x(a)},{y(hi)}" for a, _, hi in history]
+    lower = [f"{x(a)},{y(lo)}" for a, lo, _ in reversed(history)]
+    decided = state.get("decided") or "undecided"
+    return {"name": c["name"], "label": short(c["name"], 22), "colour": colour,
+            "flagged": c["flagged"], "path": "M" + " L".join(upper + lower) + " Z",
+            "end_y": (y(history[-1][1]) + y(history[-1][2])) / 2,
+            "rounds": [{"x": x(a), "lo": y(lo), "hi": y(hi),
+                        "title": f"{c['name']}, round {k}: {pct(lo)}–{pct(hi)} after {a} of "
+                                 f"{state['of']} attacked"}
+                       for k, (a, lo, hi) in enumerate(history, start=1)],
+            "title": f"{c['name']}: {decided} after {state['attacked']} of {state['of']}"}
+
+
+def _threshold(doc: dict[str, Any], name: str, on: str) -> float | None:
+    """The robust accuracy a class needed: the floor, or its baseline's figure less the
+    allowed drop, whichever is higher (as robaudit/rounds.py decides)."""
+    gate = doc["verdict"]["gate"]
+    known = [gate.get("min_class_robust")]
+    baseline = (doc.get("baseline") or {}).get("robust", {}).get(on, {})
+    if gate.get("max_drop") is not None and name in baseline:
+        known.append(baseline[name] - gate["max_drop"])
+    found = [t for t in known if t is not None]
+    return max(found) if found else None
