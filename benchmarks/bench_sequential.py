@@ -59,7 +59,9 @@ def _autoattack_seconds(model: str, data: str, eps: float, per_class: int | None
     if per_class is not None:
         keep = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in y.unique()])
         x, y = x[keep], y[keep]
-    net = torch.export.load(ROOT / model).module().to(device)
+    # robaudit's loader: an exported program refuses eval(), which torchattacks calls; the
+    # loaded module's train()/eval() only record the flag (the program was exported in eval).
+    net = load_model(str(ROOT / model)).module.to(device)
     attack = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard",
                                      n_classes=10, seed=0)
     started = time.perf_counter()

@@ -57,9 +57,9 @@ def _class_lines(doc: dict[str, Any], c: dict[str, Any]) -> list[str]:
     s = c.get("sequential")
     if s is not None and s["interval"] is not None:
         low, high = s["interval"]
+        when = "" if s["round"] is None else f" (round {s['round']})"
         lines.append(f"  sequential: {s['decided'] or 'undecided'} after {s['attacked']} of "
-                     f"{s['of']} attacked (round {s['round']}), robust between {_pct(low)} "
-                     f"and {_pct(high)}")
+                     f"{s['of']} attacked{when}, robust between {_pct(low)} and {_pct(high)}")
     return lines
 
 

@@ -198,9 +198,12 @@ def attack_label(attack: dict[str, Any]) -> str:
 
 
 def decided(c: dict[str, Any]) -> str:
-    """``8/29``: a sequential scan decided the class after attacking 8 of its 29 examples."""
+    """``8/29``: a sequential scan decided the class after attacking 8 of its 29 examples;
+    ``-`` when it was not decided (an interrupted scan)."""
     s = c.get("sequential")
-    return "-" if s is None else f"{s['attacked']}/{s['of']}"
+    if s is None or not (s["decided"] or s["exhausted"]):
+        return "-"
+    return f"{s['attacked']}/{s['of']}"
 
 
 def sequential_lines(doc: dict[str, Any], every: bool) -> list[str]:
@@ -210,9 +213,9 @@ def sequential_lines(doc: dict[str, Any], every: bool) -> list[str]:
         return []
     share = f" ({s['attacked'] / s['of']:.0%})" if s["of"] else ""
     lines = [f"sequential at {s['confidence']:.0%} confidence: {s['attacked']} of {s['of']} "
-             f"clean-correct examples attacked{share} in {s['rounds']} rounds; interval: "
-             f"the {s['confidence']:.0%} confidence sequence of a class decided early, else "
-             "the 95% Wilson interval"]
+             f"clean-correct examples attacked{share} in {s['rounds']} "
+             f"round{'' if s['rounds'] == 1 else 's'}; interval: the {s['confidence']:.0%} "
+             "confidence sequence of a class attacked in part, else the 95% Wilson interval"]
     for c in doc["classes"] if every else ():
         mine = c.get("sequential")
         if mine and mine["decided"] and not mine["exhausted"]:
