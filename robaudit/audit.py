@@ -168,6 +168,8 @@ class _Run:
     partial: bool = False
     #: A stage's failure under torchrun, kept until every rank has heard of it.
     failure: Exception | None = None
+    #: Whether the model's outputs (and onnxruntime's) were checked: once per scan, not per round.
+    checked: bool = False
     escalation: Escalation = field(default_factory=Escalation)
     seconds: float = 0.0
     #: A sequential scan's rounds and decisions (None for a full scan).
@@ -241,7 +243,8 @@ def _part(run: _Run, indices: np.ndarray, round_: int = 0) -> Records | None:
     sets = run.loaded.attack_sets if attack else [[] for _ in run.loaded.eps_list]
     part = _Run(run.config, replace(run.loaded, indices=indices, attack_sets=sets),
                 rounds.labelled(run.report, round_),
-                run.pool, [Records(attack_names=list(run.config.attacks) if attack else [])])
+                run.pool, [Records(attack_names=list(run.config.attacks) if attack else [])],
+                checked=attack)  # the clean pass checked the outputs
     _run_stages(part, None if attack else (_stream, _share))
     run.warnings += [w for w in part.warnings if w not in run.warnings]
     run.sanity += [item for item in part.sanity if item not in run.sanity]
@@ -303,9 +306,10 @@ def _first_checked(run: _Run, runtime: Any) -> Iterator[tuple[torch.Tensor, torc
     """This rank's batches; the first one checks the model's outputs (and onnxruntime's)."""
     loaded = run.loaded
     mine = distributed.shard(loaded.indices, loaded.ctx)
-    for i, (x, y, idx) in enumerate(iter_batches(loaded.source, mine, run.pool.batch_size)):
+    for x, y, idx in iter_batches(loaded.source, mine, run.pool.batch_size):
         x, y = x.to(loaded.device), y.to(loaded.device)
-        if i == 0:
+        if not run.checked:
+            run.checked = True
             # onnxruntime first: it tells a conversion that fails from data that does not fit.
             if runtime is not None:
                 run.runtime_diff = verify_runtime(loaded.model, x.cpu())

@@ -226,6 +226,9 @@ def test_two_gloo_ranks_give_one_processs_sequential_report(tmp_path: Path) -> N
         for key in ("timings", "created", "environment"):
             del doc[key]
         del doc["config"]["json"]  # the two reports' paths
+        # onnxruntime's check of the conversion runs once, on each rank's first batch of the
+        # clean pass: a measurement of the load, not a figure of the scan (as in a full scan).
+        del doc["model"]["runtime_max_abs_diff"]
     assert docs[0] == docs[1]
     seq = docs[1]["sequential"]
     assert (seq["rounds"], seq["attacked"], seq["of"]) == (4, 152, 293)
