@@ -73,13 +73,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def scan(
     config: ScanConfig, *, progress: Callable[[Progress], None] | None = None,
-    model: LoadedModel | None = None,
+    model: LoadedModel | None = None, gallery: bool = True,
 ) -> ScanResult:
     """Audit ``config.model`` on ``config.data``: load, attack (escalating where the sanity
     checks see masking), measure, judge.
 
     ``model``, when given, is audited instead of loading ``config.model`` (harden judges the
-    weights it is training this way, with the scan's own attacks and gate).
+    weights it is training this way, with the scan's own attacks and gate); ``gallery=False``
+    leaves out the adversarial examples of the flagged classes, when no report will show them.
 
     Ctrl-C (``KeyboardInterrupt``) during the attacks does not lose the work done: the result
     covers the examples finished so far and has ``partial=True``.
@@ -87,7 +88,7 @@ def scan(
     started = time.perf_counter()
     report = progress or (lambda _p: None)
     loaded = _load(config, report, model)
-    return _judge(_attack(config, loaded, report), started)
+    return _judge(_attack(config, loaded, report), started, gallery)
 
 
 @dataclass
@@ -406,7 +407,7 @@ def _on_survivors(run: _Run, e: int, rec: Records, classes: Sequence[str],
     return attacked[0] if attacked else 0
 
 
-def _judge(run: _Run, started: float) -> ScanResult:
+def _judge(run: _Run, started: float, gallery: bool) -> ScanResult:
     """Figures per class and across classes, the gate's verdicts, the gallery: the result."""
     config, loaded = run.config, run.loaded
     main = run.records[loaded.gate_e]
@@ -427,7 +428,8 @@ def _judge(run: _Run, started: float) -> ScanResult:
     sanity = run.sanity + sanity_checks(summary, sweep, config.mode)
     warnings = run.warnings + runtime_warnings(summary) + [item["message"] for item in sanity]
     warnings += run.escalation.warnings() + loaded.source.warnings
-    gallery, partial = _gallery(run, [v.index for v in judgement.flagged])
+    pictures, partial = _gallery(run, [v.index for v in judgement.flagged]) if gallery \
+        else ({}, run.partial)
     attacks = list(main.attack_names)
     code, problem = exit_outcome(config, partial, judgement, sanity)
     return ScanResult(
@@ -452,7 +454,7 @@ def _judge(run: _Run, started: float) -> ScanResult:
         warnings=warnings,
         sanity=sanity,
         sweep=sweep,
-        gallery=gallery,
+        gallery=pictures,
         partial=partial,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         baseline=baseline,

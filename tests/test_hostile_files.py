@@ -14,6 +14,7 @@ import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -145,23 +146,20 @@ def test_control_torch_export_load_runs_the_legacy_payload(tmp_path: Path) -> No
     assert (tmp_path / "PWNED").exists()
 
 
+def unwritten(entry: str) -> tuple[Any, tuple[str, ...]]:
+    """A case: a payload in ``entry``, a name torch.export.save never writes (torch's legacy
+    loader would read it)."""
+    return (with_entries(lambda t: {entry: payload(t)}),
+            ("entries torch.export.save does not write", f"'{entry.removeprefix('model/')}'"))
+
+
 FOLDER_CASES = {
     # Legacy names inside the archive folder, which torch.export.load would also read.
-    "folder-state-dict": (with_entries(lambda t: {"model/serialized_state_dict.pt": payload(t)}),
-                          ("entries torch.export.save does not write",
-                           "'serialized_state_dict.pt'")),
-    "folder-constants": (with_entries(lambda t: {"model/serialized_constants.pt": payload(t)}),
-                         ("entries torch.export.save does not write",
-                          "'serialized_constants.pt'")),
-    "folder-example-inputs": (
-        with_entries(lambda t: {"model/serialized_example_inputs.pt": payload(t)}),
-        ("entries torch.export.save does not write", "'serialized_example_inputs.pt'")),
-    "legacy-weights-file": (with_entries(lambda t: {"model/data/weights/model.pt": payload(t)}),
-                            ("entries torch.export.save does not write",
-                             "'data/weights/model.pt'")),
-    "legacy-constants-file": (
-        with_entries(lambda t: {"model/data/constants/model.pt": payload(t)}),
-        ("entries torch.export.save does not write", "'data/constants/model.pt'")),
+    "folder-state-dict": unwritten("model/serialized_state_dict.pt"),
+    "folder-constants": unwritten("model/serialized_constants.pt"),
+    "folder-example-inputs": unwritten("model/serialized_example_inputs.pt"),
+    "legacy-weights-file": unwritten("model/data/weights/model.pt"),
+    "legacy-constants-file": unwritten("model/data/constants/model.pt"),
     "sample-inputs": (with_entries(lambda t: {"model/data/sample_inputs/model.pt": payload(t)}),
                       ("(sample inputs) holds pickled Python objects", "will not unpickle")),
     "pickled-weight": (config_naming("weights", "weight_0", use_pickle=True),

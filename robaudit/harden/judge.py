@@ -22,7 +22,7 @@ def judge_weights(loaded: LoadedModel, module: nn.Module, config: ScanConfig) ->
     """Scan ``module`` (the weights under training, in ``loaded``'s wrapper) on ``config.data``."""
     view = replace(loaded, module=module, runtime=None)
     quiet = replace(config, runtime_check=False, json=None, junit=None, html=None)
-    return from_scan(scan(quiet, model=view))
+    return from_scan(scan(quiet, model=view, gallery=False))  # no report shows its pictures
 
 
 def from_scan(result: ScanResult) -> Validation:
