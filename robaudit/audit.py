@@ -27,13 +27,7 @@ from robaudit.config import (
 from robaudit.data import DataSource, fit_to_model, iter_batches, load_data, select_classes
 from robaudit.errors import ConfigError, NothingToAudit, UsageError
 from robaudit.gallery import make_gallery
-from robaudit.masking import (
-    Escalation,
-    class_signs,
-    persisting,
-    survivors,
-    unreliable_classes,
-)
+from robaudit.masking import Escalation, class_signs, persisting, survivors, unreliable_classes
 from robaudit.metrics import Records, class_stats, confusion, summarize, sweep_figures
 from robaudit.models import (
     LoadedModel,
@@ -463,6 +457,7 @@ def _judge(run: _Run, started: float, gallery: bool) -> ScanResult:
         sequential=None if run.plan is None else run.plan.to_dict(config.confidence),
         exit_code=code,
         problem=problem,
+        records=main,
     )
 
 

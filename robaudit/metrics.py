@@ -218,6 +218,15 @@ class Summary:
     mean_forwards: dict[str, float]
 
 
+def robust_flags(records: Records, on: str) -> np.ndarray:
+    """Per example: robust on figure ``on`` (an attack, or ``WORST``), as :func:`class_stats`
+    counts it."""
+    clean_ok = records.clean_correct()
+    if on == WORST:
+        return _worst_case(records, clean_ok)[0]
+    return clean_ok & (records.array("adv_pred", on).astype(np.int64) == records.labels())
+
+
 def class_stats(records: Records, class_names: Sequence[str]) -> list[ClassStats]:
     """Figures per class from per-example records."""
     k = len(class_names)

@@ -11,7 +11,7 @@ from robaudit.config import ScanConfig
 from robaudit.errors import ExitCode
 from robaudit.gate import GatePolicy, Judgement, Verdict, judge_scan
 from robaudit.masking import Escalation
-from robaudit.metrics import WORST, ClassStats, Summary
+from robaudit.metrics import WORST, ClassStats, Records, Summary
 
 
 @dataclass
@@ -52,6 +52,8 @@ class ScanResult:
     exit_code: ExitCode = ExitCode.OK
     #: Why ``exit_code`` is a usage error although the scan ran (``--strict``), else None.
     problem: str | None = None
+    #: The gated ε's per-example outcomes (not in the reports: harden pairs its epochs by them).
+    records: Records | None = field(default=None, repr=False, compare=False)
 
     @property
     def attack_names(self) -> list[str]:

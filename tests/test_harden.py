@@ -413,14 +413,18 @@ def test_harden_judges_epochs_as_the_gate_and_keeps_the_input_when_an_epoch_fail
     before = doc["before"]["classes"]
     assert base["robust"] == [c["robust"]["worst"]["acc"] for c in before]
     assert base["verdicts"] == [c["verdict"]["status"] for c in before]
+    assert base["bars"] == [0.4] * 10  # the config's floor: what the gate scheme aims above
+    # Each example's outcome, as the counts count them: what epochs are paired by.
+    assert [o.count("1") for o in base["outcomes"]] == base["correct"]
+    assert [len(o) for o in base["outcomes"]] == base["n"] == [10] * 10
     assert doc["kept"]["budget"]["keep_passing"] == ["0", "1", "2", "3", "4", "5", "6", "7"]
     # lr 0.05 wrecks the model: refused, the input kept, and the report says why.
     epoch = doc["history"][1]
     assert not epoch["within_budget"] and epoch["refused"][-1] == \
-        "fails 1, 2, 3, 4, 5, which passed before"
+        "fails 1, 2, 3, 4, 5, 6, which passed before"
     assert doc["kept"]["epoch"] == 0
     assert doc["warnings"][0].startswith("the input model is kept: no epoch lifted the weakest")
-    assert "fails 1, 2, 3, 4, 5, which passed before" in doc["warnings"][0]
+    assert "fails 1, 2, 3, 4, 5, 6, which passed before" in doc["warnings"][0]
     assert [c["before"]["verdict"] for c in doc["classes"]] == base["verdicts"]
     assert [c["after"]["verdict"] for c in doc["classes"]] == base["verdicts"]
     # Intervals on every validation figure, in the JSON and on the page.

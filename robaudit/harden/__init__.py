@@ -1,9 +1,9 @@
 """``robaudit harden``: fine-tune a model so that its weakest classes catch up.
 
 Adversarial fine-tuning (PGD-AT or TRADES) with per-class loss weights and optionally per-class
-ε from a weighting scheme (:mod:`robaudit.harden.reweight`: ``frl``, ``cfa``, ``inverse``,
-``none``), a validation scan every epoch (on ``--val-data``, or a seeded stratified hold-out of
-the training data: :mod:`robaudit.harden.holdout`) that keeps the epoch with the highest
+ε from a weighting scheme (:mod:`robaudit.harden.reweight`: ``gate``, ``frl``, ``cfa``,
+``inverse``, ``none``), a validation scan every epoch (on ``--val-data``, or a seeded stratified
+hold-out of the training data: :mod:`robaudit.harden.holdout`) that keeps the epoch with the highest
 worst-class robust accuracy among those within the user's budget of class-mean and clean accuracy
 (:mod:`robaudit.harden.state`), atomic checkpoints and ``--resume``
 (:mod:`robaudit.harden.checkpoint`), an optional per-class logit bias tuned at inference time

@@ -35,7 +35,7 @@ class HardenConfig:
     objective: str = "pgd-at"
     #: TRADES regularisation weight (``objective="trades"``).
     beta: float = 6.0
-    reweight: str = "frl"
+    reweight: str = "gate"
     #: Per-class ε: FRL Remargin with ``frl``; always on with ``cfa`` (its calibrated margin).
     class_eps: bool | None = None
     lr: float = 5e-5
@@ -47,6 +47,8 @@ class HardenConfig:
     frl_rate: float = 0.5
     #: FRL: the multipliers are projected onto ``sum <= frl_limit`` (< 1 keeps weights positive).
     frl_limit: float = 0.8
+    #: gate: how far above its bar each class is aimed (the gate's policy line plus this).
+    gate_margin: float = 0.05
     #: CFA: base perturbation budget λ1 (None: 0.5 for PGD-AT, 0.3 for TRADES) and λ2 for β.
     cfa_lambda1: float | None = None
     cfa_lambda2: float = 0.5
@@ -127,6 +129,8 @@ def validate(config: HardenConfig) -> None:
     check(0 < config.frl_limit < 1, f"frl limit must be in (0, 1), got {config.frl_limit}")
     check(config.frl_rate > 0 and config.frl_tau >= 0,
           "frl rate must be positive and frl tau non-negative")
+    check(0 <= config.gate_margin <= 1,
+          f"gate margin must be in [0, 1], got {config.gate_margin}")
     check(0 <= config.cfa_decay < 1, f"cfa decay must be in [0, 1), got {config.cfa_decay}")
     check(0 <= config.ema_decay < 1, f"ema decay must be in [0, 1), got {config.ema_decay}")
     check(config.cfa_threshold is None or 0 <= config.cfa_threshold <= 1,

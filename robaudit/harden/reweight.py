@@ -17,6 +17,15 @@ divides by the batch's total weight, so only their ratios matter. A scheme is a 
   the loss weight ``1/K + φ_i − mean(φ)`` (times K here), which stays positive since
   ``Σφ ≤ limit < 1``. Remargin: ``ε_i ← ε_i · exp(α · (R_bndy,i − R_bndy − τ))``, kept in
   [ε, 2ε] (the paper grows the margin of classes with large boundary errors).
+- ``gate``: the gate's own policy as constraints (the default). Each class's target is the bar the
+  gate's policy sets it on the validation set plus ``gate_margin`` (without a policy: the input
+  model's class mean less ``frl_tau``), and a class that passed on the validation set before
+  training also keeps its input figure. Multipliers ``φ_i ← max(0, φ_i + α (target_i − r_i))``
+  (``r_i``: the class's validation robust accuracy, the gate's worst case; α = ``frl_rate``),
+  scaled back onto ``Σφ ≤ frl_limit``; class i's weight, both terms, is its coefficient in the
+  Lagrangian ``mean_i R_i + Σ_i φ_i R_i`` of the robust errors: ``1 + K φ_i``, normalised to mean
+  1. A class below its bar gains weight until it clears it; a class that passed gains weight as
+  soon as it falls below where it started, and the others give way.
 - ``cfa``: Class-wise Calibrated Fair Adversarial training, Wei et al., CVPR 2023. With ``t_k``
   the class's robust accuracy on its own training examples in the previous epoch:
   ``ε_k = (λ1 + t_k) · ε`` (CCM) and ``β_k = (λ2 + t_k) · β`` (CCR, TRADES only; the loss is
@@ -65,6 +74,10 @@ class Feedback:
     val_robust: list[float]
     #: Robust accuracy on the training examples of the last epoch (None before the first).
     train_robust: list[float] | None = None
+    #: Per class: the robust accuracy the gate's policy asks of it on the validation set (None:
+    #: no policy sets one), and whether the gate passed it there.
+    bars: list[float | None] | None = None
+    passed: list[bool] | None = None
 
 
 class Scheme:
@@ -156,6 +169,42 @@ class FRL(Scheme):
         ]
 
 
+class Gate(Scheme):
+    """The gate's policy as constraints: classes below their bar, and classes that passed and
+    fall, gain weight (see the module's docstring)."""
+
+    name = "gate"
+
+    def settings(self) -> ClassSettings:
+        base = super().settings()
+        if "phi" in self.state:
+            weights = _normalise([1.0 + self.num_classes * p for p in self.state["phi"]])
+            base.nat_weight, base.bndy_weight = weights, list(weights)
+        return base
+
+    def update(self, feedback: Feedback) -> None:
+        c, robust = self.config, feedback.val_robust
+        if "target" not in self.state:  # the model as loaded sets each class's target
+            self.state["target"] = _targets(robust, feedback.bars, feedback.passed,
+                                            c.gate_margin, c.frl_tau)
+            self.state["phi"] = [0.0] * self.num_classes
+        phi = [p + c.frl_rate * (t - r)
+               for p, t, r in zip(self.state["phi"], self.state["target"], robust, strict=True)]
+        self.state["phi"] = _project(phi, c.frl_limit)
+
+
+def _targets(robust: Sequence[float], bars: Sequence[float | None] | None,
+             passed: Sequence[bool] | None, margin: float, tau: float) -> list[float]:
+    """Each class's target: its bar plus ``margin`` (no bar: the class mean less ``tau``), and
+    at least its own figure if it passed."""
+    k = len(robust)
+    fallback = sum(robust) / k - tau
+    bars = bars or [None] * k
+    passed = passed or [True] * k
+    return [max(fallback if bar is None else bar + margin, r if ok else 0.0)
+            for r, bar, ok in zip(robust, bars, passed, strict=True)]
+
+
 class CFA(Scheme):
     """Class-wise calibrated margins (and TRADES β) plus fairness-aware weight averaging."""
 
@@ -210,7 +259,7 @@ class CFA(Scheme):
 
 
 #: The weighting schemes by the name ``--reweight`` takes.
-SCHEMES: dict[str, type[Scheme]] = {s.name: s for s in (FRL, CFA, Inverse, Scheme)}
+SCHEMES: dict[str, type[Scheme]] = {s.name: s for s in (Gate, FRL, CFA, Inverse, Scheme)}
 
 
 def make_scheme(config: HardenConfig, num_classes: int) -> Scheme:

@@ -211,7 +211,7 @@ def _start(config: HardenConfig, state: dict[str, Any] | None, module: nn.Module
         run = RunState.from_checkpoint(state)
         return run, run.epoch
     base = from_scan(before)
-    scheme.update(Feedback(base.clean, base.robust))
+    scheme.update(Feedback(base.clean, base.robust, bars=base.bars, passed=base.passed))
     names = list(before.class_names)
     budget = Budget.around(base, config.max_mean_drop, config.max_clean_drop, names)
     run = RunState(0, budget, Candidate(0, _clone(module.state_dict()), base),
@@ -243,7 +243,8 @@ def _run_epoch(config: HardenConfig, epoch: int, module: nn.Module,
     fitted = time.perf_counter()
     report(HardenProgress("validating", epoch, config.epochs, loss=stats.loss))
     candidate, current, notes = _judge_epoch(epoch, module, scheme, run, assess)
-    scheme.update(Feedback(current.clean, current.robust, stats.train_robust))
+    scheme.update(Feedback(current.clean, current.robust, stats.train_robust, current.bars,
+                             current.passed))
     within = run.offer(candidate)
     refused = run.budget.refusals(candidate.validation, run.class_names)
     base = Validation.from_dict(run.history[0]["validation"])

@@ -5,9 +5,13 @@ worst case over the scan's attacks) set three conditions: class-mean robust accu
 ``max_mean_drop`` below the input model's, clean accuracy at most ``max_clean_drop`` below it,
 and every class that passed the gate's policy on the validation set still passes it. Among the
 epochs that meet all three (the input model always does), the kept one has the highest
-worst-class robust accuracy, **counted only beyond the noise**: an epoch displaces the input model
-only when its worst class is higher by more than one standard error of the difference (see
-:func:`noise`); between epochs, a gain within the noise goes to the higher class mean. When no
+worst-class robust accuracy, **counted only beyond the noise** (see :func:`noise`): an epoch
+displaces the one kept so far when its worst class is higher by more than the noise of the
+difference, or when its worst class is no lower and its class mean is higher by more than the
+noise of that difference (a model better everywhere by a little is better); between epochs, a
+worst-class gain within the noise also goes to the higher class mean, but the input model is
+displaced only by a gain beyond the noise. Both models are judged on the same examples, so the
+noise is that of a paired difference: it counts the examples on which they disagree. When no
 epoch qualifies, the input model is kept and the reports say why each epoch was refused.
 """
 
@@ -23,9 +27,10 @@ from robaudit.harden.train import Validation
 
 #: The rule by which the kept checkpoint is chosen, as reports state it.
 CRITERION = ("highest worst-class robust accuracy (the gate's worst case) on the validation set, "
-             "beyond one standard error of the gain, among the epochs whose class-mean robust "
-             "and clean accuracy stay within the budget and that fail no class the input model "
-             "passed")
+             "beyond the noise of the gain (one standard error, paired over the examples), or a "
+             "class mean higher beyond its noise at a worst class no lower, among the epochs "
+             "whose class-mean robust and clean accuracy stay within the budget and that fail "
+             "no class the input model passed")
 #: Figures are fractions of whole examples: a difference below this is rounding.
 TOLERANCE = 1e-9
 
@@ -73,22 +78,50 @@ class Budget:
 
 
 def noise(a: Validation, b: Validation) -> float:
-    """One standard error of the difference between the worst classes of ``a`` and ``b``
-    (their examples counted apart; zero when the counts are unknown)."""
+    """One standard error of the difference between the worst classes of ``a`` and ``b``.
+
+    Judged on the same examples (both carry their outcomes), the difference is paired: for each
+    of the two worst classes, ``sqrt(d + 1) / n`` with ``d`` the examples the models disagree on
+    (one more, so that no disagreement is not taken as certainty), the larger of the two.
+    Otherwise the classes are counted apart (:meth:`Validation.class_se`); zero when the counts
+    are unknown."""
+    if _paired(a, b):
+        return max(math.sqrt(_disagree(a, b, k) + 1) / a.n[k]
+                   for k in {a.worst_index, b.worst_index})
     if not (a.n and b.n):
         return 0.0
     return math.hypot(a.class_se(a.worst_index), b.class_se(b.worst_index))
 
 
+def mean_noise(a: Validation, b: Validation) -> float:
+    """One standard error of the paired difference of the class means of ``a`` and ``b``
+    (``sqrt(sum_k (d_k + 1/K) / n_k^2) / K``); infinite when they cannot be paired."""
+    if not _paired(a, b):
+        return math.inf
+    k = len(a.n)
+    return math.sqrt(sum((_disagree(a, b, c) + 1 / k) / a.n[c] ** 2
+                         for c in range(k) if a.n[c])) / k
+
+
+def _paired(a: Validation, b: Validation) -> bool:
+    return bool(a.outcomes) and [len(o) for o in a.outcomes] == [len(o) for o in b.outcomes]
+
+
+def _disagree(a: Validation, b: Validation, k: int) -> int:
+    return sum(x != y for x, y in zip(a.outcomes[k], b.outcomes[k], strict=True))
+
+
 def better(a: Validation, b: Validation, *, b_is_input: bool = False) -> bool:
-    """Whether ``a`` lifts the worst class above ``b`` by more than the noise (within the
-    noise, a higher class mean at a worst class no lower, except against the input model,
-    which only a gain beyond the noise displaces)."""
+    """Whether ``a`` is better than ``b``: its worst class higher beyond the noise, or its
+    class mean higher beyond its noise at a worst class no lower; between epochs (not against
+    the input model), also a higher class mean at a worst class no lower."""
     gain = a.worst_robust - b.worst_robust
     if gain > noise(a, b) + TOLERANCE:
         return True
-    return (not b_is_input and gain > -TOLERANCE
-            and a.mean_robust > b.mean_robust + TOLERANCE)
+    if gain < -TOLERANCE:
+        return False
+    lift = a.mean_robust - b.mean_robust
+    return lift > mean_noise(a, b) + TOLERANCE or (not b_is_input and lift > TOLERANCE)
 
 
 @dataclass

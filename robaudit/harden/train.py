@@ -222,6 +222,11 @@ class Validation:
     correct: list[int] = field(default_factory=list)
     #: Per class: the gate's status on the validation set (``passed``, ``flagged``, ...).
     verdicts: list[str] = field(default_factory=list)
+    #: Per class: the robust accuracy the gate's policy asked of it (None: no policy line).
+    bars: list[float | None] = field(default_factory=list)
+    #: Per class: each example's outcome in data set order, "1" robust, "0" not (how two
+    #: models judged on the same examples are compared pairwise; empty when unknown).
+    outcomes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> list[bool]:
@@ -253,7 +258,8 @@ class Validation:
             "mean_robust": self.mean_robust, "worst_robust": self.worst_robust,
             "worst_class": self.worst_class}
         if self.n:
-            doc.update(n=self.n, correct=self.correct, verdicts=self.verdicts,
+            doc.update(n=self.n, correct=self.correct, verdicts=self.verdicts, bars=self.bars,
+                       outcomes=self.outcomes,
                        ci95=[list(self.class_interval(k)) for k in range(len(self.n))],
                        mean_ci95=list(self.mean_interval()))
         return doc
@@ -263,7 +269,8 @@ class Validation:
         return cls(list(doc["clean"]), list(doc["robust"]), float(doc["clean_acc"]),
                    float(doc["mean_robust"]), float(doc["worst_robust"]), str(doc["worst_class"]),
                    list(doc.get("n", [])), list(doc.get("correct", [])),
-                   list(doc.get("verdicts", [])))
+                   list(doc.get("verdicts", [])), list(doc.get("bars", [])),
+                   list(doc.get("outcomes", [])))
 
 
 def pgd_batches(module: nn.Module, data: Split, scan: ScanConfig,

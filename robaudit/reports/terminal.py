@@ -402,8 +402,10 @@ class TerminalReporter:
             self.console.print(Text(
                 f"validation: {holdout['held_out']} examples held out of the training data "
                 f"({holdout['fraction']:.0%} of each class{_at_least(holdout)}, seed "
-                f"{holdout['seed']}), never "
-                f"trained on; before/after scans on them: {holdout['file']}"))
+                f"{holdout['seed']}), never trained on here; before/after scans on them: "
+                f"{holdout['file']}. If the model was trained on --data, it has seen these "
+                "images and its figures on them are optimistic (a class that passes here can "
+                "fail on new images): pass --val-data with images it never saw"))
         kept = doc["kept"]
         budget, val = kept["budget"], kept["validation"]
         epochs = ", ".join(str(e) for e in kept["within_budget"])

@@ -1,0 +1,106 @@
+"""harden's default weighting scheme, ``gate`` (the gate's own policy as constraints), and how
+an epoch's gain is told from the noise of the validation set."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+from conftest import DIGITS
+
+from robaudit.config import ScanConfig
+from robaudit.harden import HardenConfig
+from robaudit.harden.reweight import Feedback, make_scheme
+from robaudit.harden.state import better, mean_noise, noise
+from robaudit.harden.train import Validation
+
+
+def config(**overrides: object) -> HardenConfig:
+    scan = ScanConfig(model=str(DIGITS / "model.onnx"), data=str(DIGITS / "test.npz"), eps=0.2)
+    values: dict[str, object] = {"scan": scan, "train_data": str(DIGITS / "train.npz"),
+                                 "out": "hardened.onnx", **overrides}
+    return HardenConfig(**values)  # type: ignore[arg-type]
+
+
+def test_gate_is_the_default_scheme():
+    assert config().reweight == "gate"
+
+
+def test_a_class_below_its_bar_gains_weight_and_one_that_passed_gains_it_back_when_it_falls():
+    scheme = make_scheme(config(reweight="gate", frl_rate=0.5, frl_limit=0.8, gate_margin=0.05), 3)
+    assert scheme.settings().bndy_weight == [1.0, 1.0, 1.0]
+    # The input model: a at 90% and b at 45% pass the 40% floor, c at 10% fails it.
+    scheme.update(Feedback([1.0] * 3, [0.9, 0.45, 0.1], bars=[0.4] * 3,
+                           passed=[True, True, False]))
+    # Targets: a keeps 90%, b its bar + margin (45%), c 45%; only c is short: phi_c = 0.175.
+    assert scheme.state["target"] == pytest.approx([0.9, 0.45, 0.45])
+    first = scheme.settings()
+    assert first.bndy_weight == pytest.approx([1 / 1.175, 1 / 1.175, 1.525 / 1.175])
+    assert first.nat_weight == first.bndy_weight
+    # a falls to 80% and c rises to 30%: phi = [0.05, 0, 0.25], weights 1 + 3 phi over their mean.
+    scheme.update(Feedback([1.0] * 3, [0.8, 0.45, 0.3]))
+    assert scheme.state["phi"] == pytest.approx([0.05, 0.0, 0.25])
+    assert scheme.settings().bndy_weight == pytest.approx([1.15 / 1.3, 1 / 1.3, 1.75 / 1.3])
+    # Back above their targets, the multipliers fall to zero: uniform weights again.
+    scheme.update(Feedback([1.0] * 3, [1.0, 0.9, 1.0]))
+    assert scheme.settings().bndy_weight == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_the_multipliers_stay_within_their_limit():
+    scheme = make_scheme(config(reweight="gate", frl_rate=10.0, frl_limit=0.8), 2)
+    scheme.update(Feedback([1.0] * 2, [0.0, 0.0], bars=[0.5, 0.5], passed=[False, False]))
+    assert sum(scheme.state["phi"]) == pytest.approx(0.8)
+    assert scheme.settings().bndy_weight == pytest.approx([1.0, 1.0])
+
+
+def test_without_a_policy_classes_below_the_mean_less_tau_are_lifted():
+    scheme = make_scheme(config(reweight="gate", frl_tau=0.05, gate_margin=0.05), 3)
+    scheme.update(Feedback([1.0] * 3, [0.9, 0.6, 0.3], bars=[None] * 3, passed=[True] * 3))
+    # Mean 60% less tau: 55%; each class keeps at least its own figure.
+    assert scheme.state["target"] == pytest.approx([0.9, 0.6, 0.55])
+    assert scheme.state["phi"] == pytest.approx([0.0, 0.0, 0.125])
+
+
+# --- the noise of a gain, paired over the validation examples --------------------------------
+
+
+def _paired(*classes: str) -> Validation:
+    """Validation figures from per-class outcome strings ("1": robust)."""
+    correct = [c.count("1") for c in classes]
+    n = [len(c) for c in classes]
+    robust = [k / m for k, m in zip(correct, n, strict=True)]
+    worst = min(range(len(robust)), key=lambda k: robust[k])
+    return Validation([1.0] * len(n), robust, 1.0, sum(robust) / len(n), robust[worst],
+                      str(worst), n, correct, ["passed"] * len(n), outcomes=list(classes))
+
+
+def test_the_same_counts_are_a_gain_or_noise_depending_on_which_examples_changed():
+    base = _paired("11" + "0" * 23, "1" * 20 + "0" * 5)
+    # 2 -> 4 of 25 by two more robust examples: d = 2, noise sqrt(3)/25 = 6.9 pp < 8 pp.
+    two_more = _paired("1111" + "0" * 21, base.outcomes[1])
+    assert noise(two_more, base) == pytest.approx(3**0.5 / 25)
+    assert better(two_more, base, b_is_input=True)
+    # 4 of 25 on other examples: the models disagree on 6, noise sqrt(7)/25 = 10.6 pp > 8 pp.
+    others = _paired("00" + "1111" + "0" * 19, base.outcomes[1])
+    assert noise(others, base) == pytest.approx(7**0.5 / 25)
+    assert not better(others, base, b_is_input=True)
+    # Unpaired (no outcomes): the classes are counted apart, 9.6 pp.
+    plain = replace(two_more, outcomes=[])
+    assert noise(plain, base) == pytest.approx(0.0962, abs=5e-4)
+
+
+def test_a_class_mean_higher_beyond_its_noise_displaces_the_input_at_a_worst_class_no_lower():
+    base = _paired("1" * 24 + "0" * 16, "1" * 30 + "0" * 10)
+    # Worst class +1 of 40 (within its noise sqrt(2)/40), the other +6: class mean +8.75 pp
+    # against a paired noise of sqrt((1.5 + 6.5) / 40**2) / 2 = 3.5 pp.
+    lifted = _paired("1" * 25 + "0" * 15, "1" * 36 + "0" * 4)
+    assert lifted.worst_robust - base.worst_robust < noise(lifted, base)
+    assert mean_noise(lifted, base) == pytest.approx(8**0.5 / 40 / 2)
+    assert better(lifted, base, b_is_input=True)
+    # The same lift elsewhere with the worst class one example lower is not better.
+    lower = _paired("1" * 23 + "0" * 17, "1" * 36 + "0" * 4)
+    assert not better(lower, base, b_is_input=True)
+    # Without outcomes there is no paired noise for the mean: only the worst class counts.
+    assert mean_noise(replace(lifted, outcomes=[]), base) == math.inf
+    assert not better(replace(lifted, outcomes=[]), base, b_is_input=True)
