@@ -211,15 +211,17 @@ def test_harden_before_after_table_fits_80_columns(sweep_doc):
     pairs = [f"{100 * c[name]['acc']:.1f}->100".replace("100.0->", "100->")
              for name in ("pgd", "tpgd", "dlr-t", WORST)]
     change = f"{100 - 100 * c[WORST]['acc']:+.1f} pp"
-    assert row(table, "3") == ["3", "100->100", *pairs, change]
+    # The verdicts before and after stay; the attacks right of PGD fold to make room.
+    assert row(table, "3") == ["3", "100->100", pairs[0], pairs[3], change, "passed->passed"]
+    assert "not shown at 80 columns: dlr-t, tpgd" in table
     # 100 classes with long names: the attack right of the others folds, the worst case stays.
     wide = hundred_classes(before, floor=None)
     out = rendered(harden_doc(wide, all_robust(wide)), "render_harden")
     assert_fits(out)
     table = out.split("before -> after (%)")[1]
-    assert "not shown at 80 columns: dlr-t" in table
-    assert row(table, NAMES[0]) == [NAMES[0], "100->100", "0.0->100", "0.0->100", "0.0->100",
-                                  "+100.0 pp"]
+    assert "not shown at 80 columns: dlr-t, tpgd" in table
+    assert row(table, NAMES[0]) == [NAMES[0], "100->100", "0.0->100", "0.0->100", "+100.0 pp",
+                                  "passed->passed"]
 
 
 def test_compare_without_max_drop_shows_the_deltas_and_gates_nothing(sweep_doc, tmp_path,

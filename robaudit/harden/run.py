@@ -27,7 +27,7 @@ from robaudit.harden.export import check_exportable, write_model
 from robaudit.harden.holdout import hold_out, holdout_path, minimum_per_class, write_holdout
 from robaudit.harden.judge import from_scan, judge_weights
 from robaudit.harden.reweight import Feedback, Scheme, make_scheme
-from robaudit.harden.state import CRITERION, Budget, Candidate, RunState, noise
+from robaudit.harden.state import CRITERION, Budget, Candidate, RunState, mean_noise, noise
 from robaudit.harden.train import (
     Diverged,
     Split,
@@ -252,8 +252,7 @@ def _run_epoch(config: HardenConfig, epoch: int, module: nn.Module,
         "epoch": epoch, "lr": lr, "loss": stats.loss, "settings": settings.to_dict(),
         "train_robust": stats.train_robust, "validation": current.to_dict(), **notes,
         "within_budget": within, "refused": refused,
-        "gain": candidate.validation.worst_robust - base.worst_robust,
-        "noise": noise(candidate.validation, base),
+        **_against_input(candidate.validation, base),
         "train_s": fitted - began,
         "validate_s": time.perf_counter() - fitted,
     })
@@ -342,10 +341,26 @@ def _why_kept(run: RunState) -> str:
         if h.get("refused"):
             reasons.append(f"epoch {h['epoch']}: {'; '.join(h['refused'])}")
         else:
-            reasons.append(f"epoch {h['epoch']}: worst class {h['gain'] * 100:+.1f} pp, not "
-                           f"beyond the noise ({h['noise'] * 100:.1f} pp)")
+            reasons.append(f"epoch {h['epoch']}: worst class {h['gain'] * 100:+.1f} pp"
+                           f"{_mean_part(h)}, not beyond the noise ({h['noise'] * 100:.1f} pp)")
     return "no epoch lifted the weakest validation class beyond the noise within the budget " \
         f"({'; '.join(reasons) or 'no epoch ran'})"
+
+
+def _mean_part(h: dict[str, Any]) -> str:
+    """The class mean's gain and noise, where the epoch was paired with the input model."""
+    if h.get("mean_noise") is None:
+        return ""
+    return f", class mean {h['mean_gain'] * 100:+.1f} pp ({h['mean_noise'] * 100:.1f} pp)"
+
+
+def _against_input(v: Validation, base: Validation) -> dict[str, float | None]:
+    """An epoch's gains over the input model on validation and their noise (paired over the
+    examples when both carry their outcomes; the class mean's noise is None otherwise)."""
+    spread = mean_noise(v, base)
+    return {"gain": v.worst_robust - base.worst_robust, "noise": noise(v, base),
+            "mean_gain": v.mean_robust - base.mean_robust,
+            "mean_noise": None if math.isinf(spread) else spread}
 
 
 def _save(config: HardenConfig, module: nn.Module, optimizer: torch.optim.Optimizer,

@@ -89,11 +89,21 @@ def _epoch_row(h: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any]:
             "mean_ci": _interval(v.get("mean_ci95")),
             "worst": v["worst_robust"], "worst_class": v["worst_class"],
             "worst_ci": "" if worst is None else _interval(v["ci95"][worst]),
-            "gain": None if "gain" not in h else f"{h['gain'] * 100:+.1f} pp "
-                    f"(noise {h['noise'] * 100:.1f} pp)",
+            "gain": _gain(h),
             "refused": "; ".join(h.get("refused") or []),
             "averaged": "averaged_validation" in h or bool(h.get("ema")),
             "within": bool(h.get("within_budget")), "kept": h["epoch"] == kept["epoch"]}
+
+
+def _gain(h: dict[str, Any]) -> str | None:
+    """An epoch's worst-class gain over the input model and its noise, and the class mean's
+    where the two were paired."""
+    if "gain" not in h:
+        return None
+    text = f"{h['gain'] * 100:+.1f} pp (noise {h['noise'] * 100:.1f} pp)"
+    if h.get("mean_noise") is not None:
+        text += f"; mean {h['mean_gain'] * 100:+.1f} pp (noise {h['mean_noise'] * 100:.1f} pp)"
+    return text
 
 
 def _interval(ci: list[float] | None) -> str:

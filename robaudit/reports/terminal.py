@@ -412,16 +412,24 @@ class TerminalReporter:
         self.console.print(
             f"budget: class mean >= {_pct(budget['mean_floor'])}, clean >= "
             f"{_pct(budget['clean_floor'])} on validation; epochs within it: {epochs}")
+        ci95 = val.get("ci95")
+        worst = ci95[val["robust"].index(val["worst_robust"])] if ci95 else None
         self.console.print(Text(
             f"kept epoch {kept['epoch']} (highest worst-class robust accuracy within the "
-            f"budget: {val['worst_class']} {_pct(val['worst_robust'])}, class mean "
-            f"{_pct(val['mean_robust'])}, clean {_pct(val['clean_acc'])})"))
+            f"budget: {val['worst_class']} {_pct(val['worst_robust'])}{_ci(worst)}, class mean "
+            f"{_pct(val['mean_robust'])}{_ci(val.get('mean_ci95'))}, clean "
+            f"{_pct(val['clean_acc'])}; 95% intervals on validation)"))
 
 
 def _status(verdict: dict[str, Any]) -> str:
     """The verdict column: passed, FLAGGED or UNRELIABLE (signs of masking remain)."""
     status = verdict.get("status") or ("passed" if verdict["passed"] else "flagged")
     return status if status == "passed" else status.upper()
+
+
+def _ci(interval: list[float] | None) -> str:
+    """`` [52%, 86%]``, or nothing when the interval is unknown."""
+    return "" if not interval else f" [{interval[0]:.0%}, {interval[1]:.0%}]"
 
 
 def _at_least(holdout: dict[str, Any]) -> str:

@@ -152,7 +152,15 @@ def harden_columns(attacks: Sequence[str], classes: Sequence[dict[str, Any]]) ->
     columns.append(Column("worst", [pair(c["before"]["robust"][WORST],
                                          c["after"]["robust"][WORST]) for c in classes]))
     columns.append(Column("change", [change(c) for c in classes]))
+    columns.append(Column("verdict", [f"{_verdict(c['before'])}->{_verdict(c['after'])}"
+                                      for c in classes], right=False))
     return columns
+
+
+def _verdict(side: dict[str, Any]) -> str:
+    """A verdict as the tables print it: passed, FLAGGED, UNRELIABLE (- when unknown)."""
+    status = side.get("verdict") or "-"
+    return status if status in ("passed", "-") else status.upper()
 
 
 def compare_columns(classes: Sequence[dict[str, Any]], gated: bool) -> list[Column]:
