@@ -54,8 +54,10 @@ class Budget:
         return cls(max_mean_drop, max_clean_drop, base.mean_robust - max_mean_drop,
                    base.clean_acc - max_clean_drop, passing)
 
-    def refusals(self, v: Validation, class_names: list[str] | None = None) -> list[str]:
-        """Why ``v`` is out of the budget (empty when it is within)."""
+    def refusals(self, v: Validation, class_names: list[str] | None = None,
+                 base: Validation | None = None) -> list[str]:
+        """Why ``v`` is out of the budget (empty when it is within); with ``base`` (the input
+        model's figures), a class that passed and fell beyond the noise is a reason too."""
         why = []
         if v.mean_robust < self.mean_floor - TOLERANCE:
             why.append(f"class mean {v.mean_robust:.1%} < {self.mean_floor:.1%}")
@@ -66,10 +68,27 @@ class Budget:
             lost = [n for n in self.keep_passing if status.get(n) != "passed"]
             if lost:
                 why.append(f"fails {', '.join(lost)}, which passed before")
+            if base is not None and _paired(v, base):
+                why += [f"{n} fell {drop * 100:.1f} pp, beyond the noise ({spread * 100:.1f} pp)"
+                        for n, drop, spread in self._falls(v, base, class_names)
+                        if n not in lost]
         return why
 
-    def admits(self, v: Validation, class_names: list[str] | None = None) -> bool:
-        return not self.refusals(v, class_names)
+    def _falls(self, v: Validation, base: Validation,
+               class_names: list[str]) -> list[tuple[str, float, float]]:
+        """The classes that passed before and fell by more than the paired noise of the fall."""
+        falls = []
+        for k, name in enumerate(class_names):
+            if name in self.keep_passing and v.n[k]:
+                drop = base.robust[k] - v.robust[k]
+                spread = math.sqrt(_disagree(v, base, k) + 1) / v.n[k]
+                if drop > spread + TOLERANCE:
+                    falls.append((name, drop, spread))
+        return falls
+
+    def admits(self, v: Validation, class_names: list[str] | None = None,
+               base: Validation | None = None) -> bool:
+        return not self.refusals(v, class_names, base)
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_mean_drop": self.max_mean_drop, "max_clean_drop": self.max_clean_drop,
@@ -150,11 +169,16 @@ class RunState:
     def offer(self, candidate: Candidate) -> bool:
         """Keep ``candidate`` if the budget admits it and it beats the best so far; says
         whether the budget admitted it."""
-        within = self.budget.admits(candidate.validation, self.class_names)
+        within = self.budget.admits(candidate.validation, self.class_names, self.base)
         if within and better(candidate.validation, self.best.validation,
                              b_is_input=self.best.epoch == 0):
             self.best = candidate
         return within
+
+    @property
+    def base(self) -> Validation | None:
+        """The input model's validation figures (epoch 0's record)."""
+        return Validation.from_dict(self.history[0]["validation"]) if self.history else None
 
     @property
     def within_budget(self) -> list[int]:
