@@ -12,7 +12,7 @@ from conftest import DIGITS
 from robaudit.config import ScanConfig
 from robaudit.harden import HardenConfig
 from robaudit.harden.reweight import Feedback, make_scheme
-from robaudit.harden.state import better, mean_noise, noise
+from robaudit.harden.state import Budget, Candidate, RunState, better, mean_noise, noise
 from robaudit.harden.train import Validation
 
 
@@ -104,3 +104,23 @@ def test_a_class_mean_higher_beyond_its_noise_displaces_the_input_at_a_worst_cla
     # Without outcomes there is no paired noise for the mean: only the worst class counts.
     assert mean_noise(replace(lifted, outcomes=[]), base) == math.inf
     assert not better(replace(lifted, outcomes=[]), base, b_is_input=True)
+
+
+def test_a_class_that_passed_may_not_fall_beyond_the_noise_even_while_it_still_passes():
+    names = ["a", "b"]
+    base = replace(_paired("1" * 20 + "0" * 5, "11" + "0" * 23),
+                   verdicts=["passed", "flagged"])
+    budget = Budget.around(base, 0.5, 0.5, names)  # a budget wide enough not to matter
+    assert budget.keep_passing == ["a"]
+    # a: 20 -> 16 of 25 (four examples broken, still passing): 16 pp against sqrt(5)/25.
+    fell = replace(_paired("1" * 16 + "0" * 9, "1" * 10 + "0" * 15),
+                   verdicts=["passed", "passed"])
+    assert budget.refusals(fell, names, base) == ["a fell 16.0 pp, beyond the noise (8.9 pp)"]
+    assert budget.refusals(fell, names) == []  # without the input's outcomes: verdicts only
+    # a: 20 -> 19 (one broken): 4 pp within sqrt(2)/25 = 5.7 pp; b may fall, it never passed.
+    slipped = replace(_paired("1" * 19 + "0" * 6, "1" + "0" * 24),
+                      verdicts=["passed", "flagged"])
+    assert budget.refusals(slipped, names, base) == []
+    run = RunState(0, budget, Candidate(0, {}, base), [{"epoch": 0, "validation": base.to_dict()}],
+                   names)
+    assert not run.offer(Candidate(1, {}, fell)) and run.best.epoch == 0
