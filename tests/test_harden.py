@@ -425,6 +425,8 @@ def test_harden_judges_epochs_as_the_gate_and_keeps_the_input_when_an_epoch_fail
     assert doc["kept"]["epoch"] == 0
     assert doc["warnings"][0].startswith("the input model is kept: no epoch lifted the weakest")
     assert "fails 1, 2, 3, 4, 5, 6, which passed before" in doc["warnings"][0]
+    assert doc["warnings"][0].endswith(
+        "every epoch broke the budget: a smaller --lr (this run: 0.05) may keep within it")
     assert [c["before"]["verdict"] for c in doc["classes"]] == base["verdicts"]
     assert [c["after"]["verdict"] for c in doc["classes"]] == base["verdicts"]
     # Intervals on every validation figure, in the JSON and on the page.

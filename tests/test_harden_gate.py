@@ -124,3 +124,18 @@ def test_a_class_that_passed_may_not_fall_beyond_the_noise_even_while_it_still_p
     run = RunState(0, budget, Candidate(0, {}, base), [{"epoch": 0, "validation": base.to_dict()}],
                    names)
     assert not run.offer(Candidate(1, {}, fell)) and run.best.epoch == 0
+
+
+def test_when_the_input_is_kept_harden_says_which_way_to_turn_the_learning_rate():
+    from robaudit.harden.run import _what_next
+
+    base = _paired("1" * 20 + "0" * 5)
+    history = [{"epoch": 0, "validation": base.to_dict()}, {"epoch": 1, "refused": []},
+               {"epoch": 2, "refused": []}]
+    run = RunState(2, Budget.around(base, 0.02, 0.01, ["a"]), Candidate(0, {}, base), history,
+                   ["a"])
+    assert _what_next(config(lr=5e-5), run) == (
+        "the model moved too little: a larger --lr (this run: 5e-05) or more --epochs may move "
+        "it beyond the noise")
+    history[1]["refused"] = ["a fell 16.0 pp, beyond the noise (8.9 pp)"]
+    assert _what_next(config(), run) == "more --epochs, another --lr or a larger budget may find one"

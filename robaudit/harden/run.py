@@ -315,13 +315,13 @@ def _warnings(config: HardenConfig, run: RunState) -> list[str]:
     """What a user should know about a run that changed less than asked."""
     found = []
     if config.epochs > 0 and run.best.epoch == 0:
-        found.append(f"the input model is kept: {_why_kept(run)}; more --epochs, another --lr "
-                     "or a larger budget may find one")
+        found.append(f"the input model is kept: {_why_kept(run)}; {_what_next(config, run)}")
         if config.reweight == "cfa":
             found.append(
                 "cfa gives the least robust classes the smallest eps (its calibrated margin) and "
                 "averages the weights of epochs: in a short fine-tune of a model that is already "
-                "adversarially trained this seldom lifts the weakest class; frl weights it up"
+                "adversarially trained this seldom lifts the weakest class; gate and frl weight "
+                "it up"
             )
     joined = [h for h in run.history if h.get("fawa_joined")]
     if config.reweight == "cfa" and config.epochs > 0 and not joined:
@@ -331,6 +331,19 @@ def _warnings(config: HardenConfig, run: RunState) -> list[str]:
             "averaging (FAWA) never started; each epoch's own weights were judged"
         )
     return found
+
+
+def _what_next(config: HardenConfig, run: RunState) -> str:
+    """Which way to turn --lr: up when no epoch left the noise, down when every one broke the
+    budget."""
+    epochs = run.history[1:]
+    if epochs and not any(h.get("refused") for h in epochs):
+        return (f"the model moved too little: a larger --lr (this run: {config.lr:g}) or more "
+                "--epochs may move it beyond the noise")
+    if epochs and all(h.get("refused") for h in epochs):
+        return (f"every epoch broke the budget: a smaller --lr (this run: {config.lr:g}) may "
+                "keep within it")
+    return "more --epochs, another --lr or a larger budget may find one"
 
 
 def _why_kept(run: RunState) -> str:
