@@ -138,4 +138,5 @@ def test_when_the_input_is_kept_harden_says_which_way_to_turn_the_learning_rate(
         "the model moved too little: a larger --lr (this run: 5e-05) or more --epochs may move "
         "it beyond the noise")
     history[1]["refused"] = ["a fell 16.0 pp, beyond the noise (8.9 pp)"]
-    assert _what_next(config(), run) == "more --epochs, another --lr or a larger budget may find one"
+    mixed = _what_next(config(), run)
+    assert mixed == "more --epochs, another --lr or a larger budget may find one"
