@@ -140,3 +140,18 @@ def test_when_the_input_is_kept_harden_says_which_way_to_turn_the_learning_rate(
     history[1]["refused"] = ["a fell 16.0 pp, beyond the noise (8.9 pp)"]
     mixed = _what_next(config(), run)
     assert mixed == "more --epochs, another --lr or a larger budget may find one"
+
+
+def test_a_class_that_passed_close_to_its_bar_may_not_fall_at_all():
+    names = ["a", "b"]
+    # a passes at 11 of 25 (44%) against a 40% bar: within one standard error (9.6 pp) of it.
+    base = replace(_paired("1" * 11 + "0" * 14, "1" * 20 + "0" * 5),
+                   verdicts=["passed", "passed"], bars=[0.4, 0.4])
+    budget = Budget.around(base, 0.5, 0.5, names)
+    # One example fewer: 4 pp, within the fall's noise (5.7 pp), still passing, but refused.
+    fell = replace(_paired("1" * 10 + "0" * 15, "1" * 20 + "0" * 5), verdicts=["passed"] * 2)
+    assert budget.refusals(fell, names, base) == [
+        "a fell 4.0 pp and passed within the noise of its bar (44.0% against 40.0%)"]
+    # b, 40 pp above the bar, may lose one example: within its noise.
+    b_fell = replace(_paired("1" * 11 + "0" * 14, "1" * 19 + "0" * 6), verdicts=["passed"] * 2)
+    assert budget.refusals(b_fell, names, base) == []

@@ -71,21 +71,28 @@ class Budget:
             if lost:
                 why.append(f"fails {', '.join(lost)}, which passed before")
             if base is not None and _paired(v, base):
-                why += [f"{n} fell {drop * 100:.1f} pp, beyond the noise ({spread * 100:.1f} pp)"
-                        for n, drop, spread in self._falls(v, base, class_names)
-                        if n not in lost]
+                why += [fall for n, fall in self._falls(v, base, class_names) if n not in lost]
         return why
 
     def _falls(self, v: Validation, base: Validation,
-               class_names: list[str]) -> list[tuple[str, float, float]]:
-        """The classes that passed before and fell by more than the paired noise of the fall."""
+               class_names: list[str]) -> list[tuple[str, str]]:
+        """The classes that passed before and fell by more than the paired noise of the fall,
+        or fell at all having passed within their noise (one standard error) of their bar."""
         falls = []
         for k, name in enumerate(class_names):
-            if name in self.keep_passing and v.n[k]:
-                drop = base.robust[k] - v.robust[k]
-                spread = math.sqrt(_disagree(v, base, k) + 1) / v.n[k]
-                if drop > spread + TOLERANCE:
-                    falls.append((name, drop, spread))
+            if name not in self.keep_passing or not v.n[k]:
+                continue
+            drop = base.robust[k] - v.robust[k]
+            spread = math.sqrt(_disagree(v, base, k) + 1) / v.n[k]
+            bar = base.bars[k] if base.bars else None
+            if drop > spread + TOLERANCE:
+                falls.append((name, f"{name} fell {drop * 100:.1f} pp, beyond the noise "
+                                    f"({spread * 100:.1f} pp)"))
+            elif (drop > TOLERANCE and bar is not None
+                  and base.robust[k] - bar < base.class_se(k)):
+                falls.append((name, f"{name} fell {drop * 100:.1f} pp and passed within the "
+                                    f"noise of its bar ({base.robust[k]:.1%} against "
+                                    f"{bar:.1%})"))
         return falls
 
     def admits(self, v: Validation, class_names: list[str] | None = None,
