@@ -5,7 +5,8 @@ worst case over the scan's attacks) set three conditions: class-mean robust accu
 ``max_mean_drop`` below the input model's, clean accuracy at most ``max_clean_drop`` below it,
 and every class that passed the gate's policy on the validation set still passes it and has not
 fallen by more than the paired noise of its fall (validation figures are optimistic: a class that
-passes there with room may sit on its bar on new images). Among the
+passes there with room may sit on its bar on new images), nor at all if it passed within one
+standard error of its bar. Among the
 epochs that meet all three (the input model always does), the kept one has the highest
 worst-class robust accuracy, **counted only beyond the noise** (see :func:`noise`): an epoch
 displaces the one kept so far when its worst class is higher by more than the noise of the
