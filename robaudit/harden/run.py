@@ -246,8 +246,8 @@ def _run_epoch(config: HardenConfig, epoch: int, module: nn.Module,
     scheme.update(Feedback(current.clean, current.robust, stats.train_robust, current.bars,
                              current.passed))
     within = run.offer(candidate)
-    refused = run.budget.refusals(candidate.validation, run.class_names, run.base)
-    base = Validation.from_dict(run.history[0]["validation"])
+    base = run.base
+    refused = run.budget.refusals(candidate.validation, run.class_names, base)
     run.history.append({
         "epoch": epoch, "lr": lr, "loss": stats.loss, "settings": settings.to_dict(),
         "train_robust": stats.train_robust, "validation": current.to_dict(), **notes,
