@@ -78,9 +78,12 @@ def interrupt_scan(args: list[str], sig: signal.Signals, cwd: Path,
     """
     started = time.monotonic()
     with open(cwd / "stdout.txt", "w+") as out:
+        # A runner started in the background (`cmd &` in a script) ignores SIGINT, and its
+        # children inherit that: the scan gets the default handler back, as from a terminal.
         proc = subprocess.Popen([sys.executable, "-m", "robaudit", *args, "-v"], stdout=out,
                                 stderr=subprocess.PIPE, text=True, cwd=cwd,
-                                env={**os.environ, "CI": "true"})
+                                env={**os.environ, "CI": "true"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert proc.stderr is not None
         lines: list[str] = []
         attacking = threading.Event()
