@@ -8,14 +8,29 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import pytest
 import torch
 from torch import nn
 
+if TYPE_CHECKING:  # robaudit loads when a test calls harden_config
+    from robaudit.harden import HardenConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
+
+
+def harden_config(**overrides: object) -> HardenConfig:
+    """A HardenConfig on the digits example (ε 0.2) with ``overrides``: for the schemes' and the
+    budget's unit tests, which run nothing."""
+    from robaudit.config import ScanConfig
+    from robaudit.harden import HardenConfig
+
+    scan = ScanConfig(model=str(DIGITS / "model.onnx"), data=str(DIGITS / "test.npz"), eps=0.2)
+    values: dict[str, object] = {"scan": scan, "train_data": str(DIGITS / "train.npz"),
+                                 "out": "hardened.onnx", **overrides}
+    return HardenConfig(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True)

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DIGITS
+from conftest import DIGITS, harden_config
 
 from robaudit.cli import main
 from robaudit.config import ScanConfig
 from robaudit.errors import ConfigError, UsageError
-from robaudit.harden import HardenConfig
 from robaudit.harden.calibrate import _search
 from robaudit.harden.checkpoint import load_checkpoint
 from robaudit.harden.export import write_model
@@ -38,11 +37,7 @@ def harden_args(model: str, out: Path, *extra: str) -> list[str]:
             "--val-data", str(DIGITS / "test.npz"), "--out", str(out), *FAST, *extra]
 
 
-def config(**overrides: object) -> HardenConfig:
-    scan = ScanConfig(model=str(DIGITS / "model.onnx"), data=str(DIGITS / "test.npz"), eps=0.2)
-    values: dict[str, object] = {"scan": scan, "train_data": str(DIGITS / "train.npz"),
-                                 "out": "hardened.onnx", **overrides}
-    return HardenConfig(**values)  # type: ignore[arg-type]
+config = harden_config
 
 
 # --- weighting schemes ---------------------------------------------------------------------

@@ -7,20 +7,13 @@ import math
 from dataclasses import replace
 
 import pytest
-from conftest import DIGITS
+from conftest import harden_config
 
-from robaudit.config import ScanConfig
-from robaudit.harden import HardenConfig
 from robaudit.harden.reweight import Feedback, make_scheme
 from robaudit.harden.state import Budget, Candidate, RunState, better, mean_noise, noise
 from robaudit.harden.train import Validation
 
-
-def config(**overrides: object) -> HardenConfig:
-    scan = ScanConfig(model=str(DIGITS / "model.onnx"), data=str(DIGITS / "test.npz"), eps=0.2)
-    values: dict[str, object] = {"scan": scan, "train_data": str(DIGITS / "train.npz"),
-                                 "out": "hardened.onnx", **overrides}
-    return HardenConfig(**values)  # type: ignore[arg-type]
+config = harden_config
 
 
 def test_gate_is_the_default_scheme():
