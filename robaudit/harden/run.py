@@ -245,9 +245,9 @@ def _run_epoch(config: HardenConfig, epoch: int, module: nn.Module,
     candidate, current, notes = _judge_epoch(epoch, module, scheme, run, assess)
     scheme.update(Feedback(current.clean, current.robust, stats.train_robust, current.bars,
                              current.passed))
-    within = run.offer(candidate)
     base = run.base
     refused = run.budget.refusals(candidate.validation, run.class_names, base)
+    within = run.offer(candidate, refused)
     run.history.append({
         "epoch": epoch, "lr": lr, "loss": stats.loss, "settings": settings.to_dict(),
         "train_robust": stats.train_robust, "validation": current.to_dict(), **notes,

@@ -96,10 +96,6 @@ class Budget:
                                     f"{bar:.1%})"))
         return falls
 
-    def admits(self, v: Validation, class_names: list[str] | None = None,
-               base: Validation | None = None) -> bool:
-        return not self.refusals(v, class_names, base)
-
     def to_dict(self) -> dict[str, Any]:
         return {"max_mean_drop": self.max_mean_drop, "max_clean_drop": self.max_clean_drop,
                 "mean_floor": self.mean_floor, "clean_floor": self.clean_floor,
@@ -176,10 +172,13 @@ class RunState:
     #: The moving average of the weights (empty when off); each epoch hands it back.
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def offer(self, candidate: Candidate) -> bool:
+    def offer(self, candidate: Candidate, refused: list[str] | None = None) -> bool:
         """Keep ``candidate`` if the budget admits it and it beats the best so far; says
-        whether the budget admitted it."""
-        within = self.budget.admits(candidate.validation, self.class_names, self.base)
+        whether the budget admitted it (``refused``: the budget's reasons, when the caller has
+        them already)."""
+        if refused is None:
+            refused = self.budget.refusals(candidate.validation, self.class_names, self.base)
+        within = not refused
         if within and better(candidate.validation, self.best.validation,
                              b_is_input=self.best.epoch == 0):
             self.best = candidate

@@ -34,11 +34,13 @@ from robaudit.reports.terminal_layout import (
     folded_note,
     harden_columns,
     hidden_note,
+    interval_text,
     is_gated,
     ranking_line,
     rows_shown,
     scan_columns,
     sequential_lines,
+    status_text,
     sweep_lines,
     table_width,
     weakness,
@@ -423,13 +425,12 @@ class TerminalReporter:
 
 def _status(verdict: dict[str, Any]) -> str:
     """The verdict column: passed, FLAGGED or UNRELIABLE (signs of masking remain)."""
-    status = verdict.get("status") or ("passed" if verdict["passed"] else "flagged")
-    return status if status == "passed" else status.upper()
+    return status_text(verdict.get("status") or ("passed" if verdict["passed"] else "flagged"))
 
 
 def _ci(interval: list[float] | None) -> str:
-    """`` [52%, 86%]``, or nothing when the interval is unknown."""
-    return "" if not interval else f" [{interval[0]:.0%}, {interval[1]:.0%}]"
+    """`` (52-86%)``, or nothing when the interval is unknown."""
+    return f" ({interval_text(interval)})" if interval else ""
 
 
 def _at_least(holdout: dict[str, Any]) -> str:

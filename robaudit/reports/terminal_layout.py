@@ -114,8 +114,7 @@ def scan_columns(doc: dict[str, Any], classes: Sequence[dict[str, Any]], verbose
         worst = c["robust"][WORST]
         if worst is None or worst["acc"] is None:
             return "-"
-        low, high = worst["ci95"]
-        return f"{low * 100:.0f}-{high * 100:.0f}%"
+        return interval_text(worst["ci95"])
 
     columns = [column("class", [c["name"] for c in classes], right=False),
                column("n", [str(c["n"]) for c in classes]),
@@ -158,9 +157,18 @@ def harden_columns(attacks: Sequence[str], classes: Sequence[dict[str, Any]]) ->
 
 
 def _verdict(side: dict[str, Any]) -> str:
+    return status_text(side.get("verdict"))
+
+
+def status_text(status: str | None) -> str:
     """A verdict as the tables print it: passed, FLAGGED, UNRELIABLE (- when unknown)."""
-    status = side.get("verdict") or "-"
-    return status if status in ("passed", "-") else status.upper()
+    return "-" if not status else status if status == "passed" else status.upper()
+
+
+def interval_text(interval: Sequence[float]) -> str:
+    """A 95% interval as the terminal prints it: ``52-86%``."""
+    low, high = interval
+    return f"{low * 100:.0f}-{high * 100:.0f}%"
 
 
 def compare_columns(classes: Sequence[dict[str, Any]], gated: bool) -> list[Column]:
